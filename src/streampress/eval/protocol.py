@@ -1,0 +1,167 @@
+"""The streaming protocol: how one video's frames and questions meet a session.
+
+Stream mode (the default): one session per video. Frames go in, in time order, in chunks of
+``chunk_frames``; when the stream reaches a question's time (every frame with timestamp
+<= t has been added), the question is asked; the session's ``ask`` rolls the question and
+its answer back, so the stream continues as if it had never been asked.
+
+Clip mode: a new session per question, fed the frames from 0 to the question's time, as
+the benchmarks' published drivers do (each question re-encodes its clip).
+
+Chunk boundaries are a function of the video, the fps, ``chunk_frames`` and the times of
+*all* the video's questions in the annotation file (``stop_times``), never of which
+questions remain to be asked. A resumed or sharded run therefore feeds every session the
+same chunks as an uninterrupted run and gets bit-identical answers.
+
+A session is anything with ``add_frames(frames, timestamps)``, ``ask(text, max_new_tokens=)``
+returning a string or an object with ``.text``, and optionally ``stats() -> dict`` and
+``question_logits(text) -> [V]`` (used when ``top_logits > 0`` to record the k largest
+first-token logits: a fine-grained fingerprint of what the model saw, for comparing runs
+and methods beyond the argmax answer).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from .datasets import Question
+from .prompts import build_prompt
+
+EPS = 1e-6
+Frames = Iterable[tuple[np.ndarray, float]]
+# emit(question, response_text, info) is called once per answered question, in order.
+Emit = Callable[[Question, str, dict], None]
+
+
+def ask_time(q: Question) -> float:
+    """When ``q`` is asked: its time, or after the whole video (inf) for offline questions."""
+    return math.inf if q.time is None else float(q.time)
+
+
+def flat_stats(session) -> dict:
+    """``session.stats()`` as a flat dict of JSON scalars (nested dicts become ``a.b`` keys)."""
+    fn = getattr(session, "stats", None)
+    if fn is None:
+        return {}
+    out: dict = {}
+
+    def walk(prefix, value):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}{k}.", v)
+        elif isinstance(value, (bool, int, float, str)) or value is None:
+            out[prefix[:-1]] = value
+        elif hasattr(value, "item") and getattr(value, "ndim", 1) == 0:  # 0-d tensor / array
+            out[prefix[:-1]] = value.item()
+
+    walk("", fn())
+    return out
+
+
+class _Feeder:
+    """Buffers frames and hands them to one session in chunks; asks questions on demand."""
+
+    def __init__(self, session, chunk_frames: int, max_new_tokens: int, emit: Emit, session_key: str,
+                 top_logits: int = 0):
+        self.session, self.chunk = session, chunk_frames
+        self.max_new_tokens, self.emit, self.key = max_new_tokens, emit, session_key
+        self.top_logits = top_logits
+        self.images: list[np.ndarray] = []
+        self.times: list[float] = []
+        self.seen, self.last_time = 0, None
+        self.mark = time.perf_counter()
+
+    def push(self, image: np.ndarray, t: float) -> None:
+        self.images.append(image)
+        self.times.append(t)
+        if len(self.images) >= self.chunk:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.images:
+            return
+        self.session.add_frames(np.stack(self.images), list(self.times))
+        self.seen += len(self.images)
+        self.last_time = self.times[-1]
+        self.images, self.times = [], []
+
+    def ask(self, q: Question) -> None:
+        self.flush()
+        prompt = build_prompt(q)
+        t0 = time.perf_counter()
+        answer = self.session.ask(prompt, max_new_tokens=self.max_new_tokens)
+        t1 = time.perf_counter()
+        text = answer if isinstance(answer, str) else answer.text
+        info = {"session": self.key, "frames": self.seen, "stream_time": self.last_time, "ask_s": t1 - t0}
+        if self.top_logits > 0:
+            logits = self.session.question_logits(prompt).float().reshape(-1)
+            values, ids = logits.topk(min(self.top_logits, logits.numel()))
+            info["first_token_top"] = [[int(i), float(v)] for i, v in zip(ids.tolist(), values.tolist())]
+        now = time.perf_counter()
+        info.update(elapsed_s=now - self.mark, stats=flat_stats(self.session))
+        self.mark = now
+        self.emit(q, text, info)
+
+
+def run_stream(frames: Frames, todo: list[Question], stop_times: Iterable[float], session,
+               emit: Emit, chunk_frames: int = 16, max_new_tokens: int = 16,
+               session_key: str = "", top_logits: int = 0) -> None:
+    """Stream one video through ``session``, asking each question of ``todo`` at its time.
+
+    ``stop_times``: the times of all the video's questions (answered or not); the buffer is
+    flushed at each of them. Decoding stops once every question of ``todo`` is answered.
+    """
+    if not todo:
+        return
+    todo = sorted(todo, key=lambda q: (ask_time(q), q.qid))
+    stops = sorted(set(stop_times) | {ask_time(q) for q in todo})
+    last_needed = ask_time(todo[-1])
+    feed = _Feeder(session, chunk_frames, max_new_tokens, emit, session_key, top_logits)
+    qi = si = 0
+
+    def answer_upto(t: float) -> None:
+        nonlocal qi
+        while qi < len(todo) and ask_time(todo[qi]) <= t + EPS:
+            feed.ask(todo[qi])
+            qi += 1
+
+    it: Iterator = iter(frames)
+    try:
+        for image, ts in it:
+            while si < len(stops) and stops[si] + EPS < ts:
+                feed.flush()
+                answer_upto(stops[si])
+                si += 1
+            if ts > last_needed + EPS:
+                break
+            feed.push(image, ts)
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
+    feed.flush()
+    answer_upto(math.inf)
+
+
+def run_clips(open_frames: Callable[[], Frames], todo: list[Question], new_session: Callable[[], object],
+              emit: Emit, chunk_frames: int = 16, max_new_tokens: int = 16, session_key: str = "",
+              top_logits: int = 0) -> None:
+    """Clip mode: for each question a new session fed frames 0..t, then the question."""
+    for q in sorted(todo, key=lambda q: (ask_time(q), q.qid)):
+        feed = _Feeder(new_session(), chunk_frames, max_new_tokens, emit, f"{session_key}@{q.qid}", top_logits)
+        limit = ask_time(q)
+        it: Iterator = iter(open_frames())
+        try:
+            for image, ts in it:
+                if ts > limit + EPS:
+                    break
+                feed.push(image, ts)
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+        feed.ask(q)

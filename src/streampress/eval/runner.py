@@ -1,0 +1,251 @@
+"""The evaluation run: questions -> videos -> sessions -> JSONL -> scores, resumable and sharded.
+
+:func:`evaluate` is the whole job. It reads the annotations, skips (and reports) questions
+whose video is missing, splits videos over the ranks, streams each of this rank's videos
+through a fresh session (skipping questions already in the output folder), appends one JSON
+line per answer, then, on rank 0 after a barrier, merges every prediction file and writes
+the score table. :func:`dry_run` needs neither videos nor a model.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from . import scoring, sharding, store
+from .datasets import Question, load_benchmark, resolve_videos, summarize
+from .frames import iter_frames
+from .prompts import is_correct, parse_response
+from .protocol import ask_time, run_clips, run_stream
+
+SessionFactory = Callable[[], object]
+MODES = ("stream", "clip")
+
+
+@dataclass
+class EvalConfig:
+    """Everything a run depends on. ``params`` are the pruner's parameters (``keep_ratio``,
+    ``tau``...); ``window`` (seconds) selects a sliding-window memory; ``cacher`` holds
+    STC-Cacher settings (``rho``, ``interval``) or None. ``top_logits`` > 0 records the k
+    largest first-token logits of every question (one extra question forward each)."""
+
+    benchmark: str
+    annotations: str
+    videos: str | None = None
+    out: str = "eval_results"
+    model: str | None = None
+    method: str = "none"
+    params: dict = field(default_factory=dict)
+    fps: float = 1.0
+    mode: str = "stream"
+    chunk_frames: int = 16
+    max_new_tokens: int = 16
+    limit: int | None = None
+    tasks: list[str] | None = None
+    strict: bool = False
+    window: float | None = None
+    cacher: dict | None = None
+    dtype: str | None = None
+    device: str | None = None
+    seed: int = 0
+    top_logits: int = 0
+    raise_errors: bool = False
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode: expected one of {MODES}, got {self.mode!r}")
+        if not self.fps > 0:
+            raise ValueError(f"fps: expected a positive number, got {self.fps!r}")
+        if int(self.chunk_frames) < 1:
+            raise ValueError(f"chunk_frames: expected >= 1, got {self.chunk_frames!r}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit: expected a positive count, got {self.limit!r}")
+        if self.top_logits < 0:
+            raise ValueError(f"top_logits: expected >= 0, got {self.top_logits!r}")
+        if self.window is not None and not self.window > 0:
+            raise ValueError(f"window: expected seconds > 0, got {self.window!r}")
+
+    def result_key(self) -> dict:
+        """The settings that determine answers: a resumed run must match them."""
+        keys = ("benchmark", "model", "method", "params", "fps", "mode", "chunk_frames",
+                "max_new_tokens", "window", "cacher", "dtype", "seed")
+        d = {k: getattr(self, k) for k in keys}
+        d["annotations"] = Path(self.annotations).name
+        return json.loads(json.dumps(d))
+
+
+def select_questions(cfg: EvalConfig) -> tuple[list[Question], list[Question]]:
+    """All questions of the file, and those this run covers (``tasks`` filter, then ``limit``)."""
+    every = load_benchmark(cfg.benchmark, cfg.annotations)
+    chosen = every
+    if cfg.tasks:
+        known = {q.task for q in every}
+        unknown = sorted(set(cfg.tasks) - known)
+        if unknown:
+            raise ValueError(f"tasks: {unknown} not in this file; it has {sorted(known)}")
+        chosen = [q for q in chosen if q.task in cfg.tasks]
+    if cfg.limit is not None:
+        chosen = chosen[: cfg.limit]
+    return every, chosen
+
+
+def dry_run(cfg: EvalConfig) -> tuple[dict, str]:
+    """Tasks and question counts of the file (and videos present under ``cfg.videos``)."""
+    every, chosen = select_questions(cfg)
+    info = summarize(chosen)
+    lines = [f"{cfg.benchmark}: {cfg.annotations}",
+             f"{'category':<18} {'task':<24} {'items':>6} {'questions':>10} {'videos':>7}"]
+    order = {"backward": 0, "realtime": 1, "forward": 2}
+    rows = sorted(info["tasks"].items(), key=lambda kv: (order.get(kv[1]["category"], 3), kv[1]["category"], kv[0]))
+    for n, (task, row) in enumerate(rows):
+        note = " (one question per probe)" if row["questions"] != row["items"] else ""
+        lines.append(f"{row['category']:<18} {task:<24} {row['items']:>6} {row['questions']:>10} "
+                     f"{row['videos']:>7}{note}")
+        cat = row["category"]
+        if len(info["categories"]) > 1 and (n + 1 == len(rows) or rows[n + 1][1]["category"] != cat):
+            c = info["categories"][cat]
+            lines.append(f"{'':<18} {'(' + cat + ' total)':<24} {c['items']:>6} {c['questions']:>10} {c['videos']:>7}")
+    lines.append(f"total: {info['items']} items, {info['questions']} questions (model calls), "
+                 f"{info['videos']} videos")
+    if cfg.videos is not None:
+        found, missing = resolve_videos(chosen, cfg.videos)
+        skipped = sum(1 for q in chosen if q.video not in found)
+        info.update(videos_present=len(found), videos_missing=len(missing), questions_skipped=skipped)
+        lines.append(f"videos present under {cfg.videos}: {len(found)} of {info['videos']} "
+                     f"({skipped} questions would be skipped)")
+    return info, "\n".join(lines)
+
+
+def default_session_factory(cfg: EvalConfig, device: str) -> SessionFactory:
+    """Load the model once; each call makes a new session with a fresh pruner and memory."""
+    import torch
+
+    import streampress
+
+    torch.manual_seed(cfg.seed)  # the same random-weight model in every process
+    model = streampress.load_model(cfg.model, dtype=cfg.dtype, device=device)
+    if cfg.method not in ("none", "full"):
+        streampress.create_pruner(cfg.method, **cfg.params)  # fail early on bad parameters
+
+    def make():
+        pruner = None if cfg.method in ("none", "full") else streampress.create_pruner(cfg.method, **cfg.params)
+        cacher = streampress.create_cacher(**cfg.cacher) if cfg.cacher else None
+        memory = streampress.SlidingWindow(seconds=cfg.window) if cfg.window else "full"
+        return streampress.StreamingSession(model, pruner=pruner, cacher=cacher, memory=memory)
+
+    return make
+
+
+def _record(q: Question, text: str, info: dict, cfg: EvalConfig, rank: int) -> dict:
+    return {"qid": q.qid, "benchmark": q.benchmark, "task": q.task, "category": q.category,
+            "video": q.video, "time": q.time, "response": text,
+            "parsed": parse_response(q, text, cfg.strict), "answer": q.answer,
+            "correct": is_correct(q, text, cfg.strict), "rank": rank, **info}
+
+
+def _run_videos(cfg, videos, by_video, stop_times, paths, done, factory, writer, ctx, log) -> list[str]:
+    errors: list[str] = []
+    for n, video in enumerate(videos, 1):
+        todo = [q for q in by_video[video] if q.qid not in done]
+        if not todo:
+            continue
+        t0 = time.perf_counter()
+        emit = lambda q, text, info: writer.write(_record(q, text, info, cfg, ctx.rank))  # noqa: E731
+        try:
+            if cfg.mode == "stream":
+                run_stream(iter_frames(paths[video], cfg.fps), todo, stop_times[video], factory(), emit,
+                           cfg.chunk_frames, cfg.max_new_tokens, session_key=video, top_logits=cfg.top_logits)
+            else:
+                run_clips(lambda: iter_frames(paths[video], cfg.fps), todo, factory, emit,
+                          cfg.chunk_frames, cfg.max_new_tokens, session_key=video, top_logits=cfg.top_logits)
+        except Exception as exc:
+            if cfg.raise_errors:
+                raise
+            errors.append(f"{video}: {type(exc).__name__}: {exc}")
+            log(f"[rank {ctx.rank}] ERROR on {video}:\n{traceback.format_exc()}")
+            continue
+        log(f"[rank {ctx.rank}] {n}/{len(videos)} {video}: {len(todo)} questions in "
+            f"{time.perf_counter() - t0:.1f} s")
+    return errors
+
+
+def _finish(cfg, chosen, found, missing, errors, out: Path, log, wall_s: float) -> dict:
+    records, bad = store.load_predictions(out)
+    ours = [records[q.qid] for q in chosen if q.qid in records]
+    store.write_jsonl(out / "all_predictions.jsonl", ours)
+    scores = scoring.score_questions(chosen, {r["qid"]: r["response"] for r in ours}, cfg.strict)
+    config = {k: v for k, v in asdict(cfg).items() if k not in ("raise_errors",) and v not in (None, {}, [])}
+    report = {"config": config, "scores": scores, "usage": scoring.aggregate_usage(ours),
+              "missing_videos": len(missing), "missing_questions": sum(1 for q in chosen if q.video not in found),
+              "unreadable_lines": bad, "errors": errors, "wall_s": wall_s}
+    store.write_atomic(out / "scores.json", json.dumps(report, indent=2) + "\n")
+    store.write_atomic(out / "scores.md", scoring.markdown_table(report))
+    log(scoring.markdown_table(report))
+    return report
+
+
+def evaluate(cfg: EvalConfig, session_factory: SessionFactory | None = None,
+             log: Callable[[str], None] | None = None) -> dict | None:
+    """Run (or resume) the evaluation; returns the report on rank 0, None on other ranks.
+
+    ``session_factory`` makes one session per video (stream mode) or per question (clip
+    mode); by default it loads ``cfg.model`` on this rank's device.
+    """
+    cfg.validate()
+    if cfg.videos is None or not Path(cfg.videos).is_dir():
+        raise ValueError(f"videos: expected the folder of the benchmark's videos, got {cfg.videos!r}")
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    start = time.perf_counter()
+    ctx = sharding.init_distributed()
+    try:
+        every, chosen = select_questions(cfg)
+        found, missing = resolve_videos(chosen, cfg.videos)
+        out = Path(cfg.out)
+        if ctx.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            store.check_config(out, cfg.result_key(), write=True)
+            for stale in out.glob("errors.rank*.txt"):  # failures of an earlier attempt are retried
+                stale.unlink()
+            (out / "missing_videos.txt").unlink(missing_ok=True)
+            if missing:
+                skipped = sum(1 for q in chosen if q.video not in found)
+                (out / "missing_videos.txt").write_text("".join(v + "\n" for v in missing), encoding="utf-8")
+                log(f"{len(missing)} of {len(missing) + len(found)} videos missing under {cfg.videos}: "
+                    f"{skipped} questions skipped (list in {out / 'missing_videos.txt'}), e.g. {missing[:3]}")
+        sharding.barrier(ctx)  # nobody writes before the configuration check passed
+
+        by_video: dict[str, list[Question]] = defaultdict(list)
+        for q in chosen:
+            if q.video in found:
+                by_video[q.video].append(q)
+        stop_times: dict[str, set] = defaultdict(set)
+        for q in every:
+            stop_times[q.video].add(ask_time(q))
+        shards = sharding.assign_videos({v: len(qs) for v, qs in by_video.items()}, ctx.world_size)
+        mine = shards[ctx.rank]
+        done, _ = store.load_predictions(out)
+        todo_count = sum(1 for v in mine for q in by_video[v] if q.qid not in done)
+        log(f"[rank {ctx.rank}/{ctx.world_size}] {len(mine)} videos, {todo_count} questions to answer")
+        errors: list[str] = []
+        if todo_count:
+            factory = session_factory or default_session_factory(cfg, sharding.rank_device(ctx, cfg.device))
+            with store.PredictionWriter(store.prediction_path(out, ctx.rank, ctx.world_size)) as writer:
+                errors = _run_videos(cfg, mine, by_video, stop_times, found, done, factory, writer, ctx, log)
+        if errors:
+            store.write_atomic(out / f"errors.rank{ctx.rank:03d}.txt", "\n".join(errors) + "\n")
+        sharding.barrier(ctx)
+        if not ctx.is_main:
+            return None
+        all_errors = []
+        for p in sorted(out.glob("errors.rank*.txt")):
+            all_errors += [line for line in p.read_text(encoding="utf-8").splitlines() if line]
+        return _finish(cfg, chosen, found, missing, all_errors, out, log, time.perf_counter() - start)
+    finally:
+        sharding.shutdown(ctx)
+

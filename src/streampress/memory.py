@@ -1,0 +1,208 @@
+"""KV memory policies of a streaming session: what stays in the cache as a stream grows.
+
+A *policy* (:class:`FullMemory`, :class:`SlidingWindow`, ``RetrievalMemory``) is a small
+configuration object the user passes as ``StreamingSession(..., memory=...)``. The
+session calls ``policy.open(adapter)`` once per stream (and again on ``reset()``) to get a
+:class:`MemoryStore`: the per-stream object that owns the KV cache and a table of
+:class:`Block` s (one block per item: its cache span and its times). Policies hold no
+stream state, so one policy object can configure any number of sessions.
+
+The session talks to the store only through these calls:
+
+- ``store.cache`` / ``store.length()``: the cache the next forward appends to;
+- ``store.truncate(length)``: undo a failed forward (cache back to ``length`` tokens);
+- ``store.add_blocks(blocks)``: record the items a successful forward appended;
+- ``store.after_add(now)``: eviction hook after each chunk (``now``: newest frame time);
+- ``with store.answering(question) as cache:``: the cache a question and its answer run
+  on; when the block exits the question and answer are gone again;
+- ``store.stats()``: counters for ``session.stats()``.
+
+Extension point: a retrieval policy (``streampress.memory_retrieval.RetrievalMemory``)
+subclasses :class:`MemoryStore` to move old blocks off the device in ``after_add`` and to
+assemble [recent window + retrieved blocks] in ``answering`` (which receives the
+question's embeddings and positions). ``RetrievalMemory`` is importable from here.
+
+Positions are baked into cached keys (RoPE), so removing any block leaves the positions
+of every other token unchanged: eviction never moves the rest of the stream.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import torch
+
+__all__ = ["Block", "MemoryStore", "FullMemory", "SlidingWindow", "RetrievalMemory", "resolve_memory",
+           "cache_length", "cache_truncate", "cache_select", "cache_nbytes"]
+
+
+# ---- cache surgery (works for transformers 4.57 and 5.x DynamicCache) ----------------------
+def _layers(cache) -> list:
+    return [layer for layer in cache.layers if getattr(layer, "keys", None) is not None
+            and layer.keys.numel() > 0]
+
+
+def cache_length(cache) -> int:
+    """Number of cached tokens."""
+    layers = _layers(cache)
+    return int(layers[0].keys.shape[-2]) if layers else 0
+
+
+def cache_truncate(cache, length: int) -> None:
+    """Keep the first ``length`` tokens of every layer (no copy)."""
+    for layer in _layers(cache):
+        layer.keys = layer.keys[..., :length, :]
+        layer.values = layer.values[..., :length, :]
+
+
+def cache_select(cache, index: torch.Tensor) -> None:
+    """Keep the tokens at ``index`` (int64, increasing) in every layer."""
+    for layer in _layers(cache):
+        idx = index.to(layer.keys.device)
+        layer.keys = layer.keys.index_select(-2, idx)
+        layer.values = layer.values.index_select(-2, idx)
+
+
+def cache_nbytes(cache) -> int:
+    """Bytes held by cached keys and values."""
+    return sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+               for layer in _layers(cache))
+
+
+@dataclass
+class Block:
+    """One item's span in the cache: ``[start, start + length)``; times on the stream clock."""
+
+    item: int
+    start_time: float
+    end_time: float
+    start: int
+    length: int
+
+
+@dataclass
+class QuestionInput:
+    """What ``answering`` receives: the question's embeddings ``[L, D]`` and positions ``[P, L]``."""
+
+    embeds: torch.Tensor
+    positions: torch.Tensor
+
+
+class MemoryStore:
+    """Per-stream KV memory that keeps everything (the base of every policy's store)."""
+
+    def __init__(self, adapter):
+        self.adapter = adapter
+        self.cache = adapter.new_cache()
+        self.blocks: list[Block] = []
+        self.evicted_items = 0
+        self.evicted_tokens = 0
+
+    def length(self) -> int:
+        return cache_length(self.cache)
+
+    def truncate(self, length: int) -> None:
+        cache_truncate(self.cache, length)
+
+    def add_blocks(self, blocks: Sequence[Block]) -> None:
+        self.blocks.extend(blocks)
+
+    def after_add(self, now: float) -> None:
+        """Eviction hook, called after each chunk; the full memory keeps everything."""
+
+    def evict(self, blocks: Sequence[Block]) -> None:
+        """Remove ``blocks`` from the cache; later blocks' offsets are updated."""
+        if not blocks:
+            return
+        length = self.length()
+        keep = torch.ones(length, dtype=torch.bool)
+        gone = {id(b) for b in blocks}
+        for b in blocks:
+            keep[b.start:b.start + b.length] = False
+        cache_select(self.cache, keep.nonzero().squeeze(1))
+        shift = torch.cumsum(~keep, 0)
+        kept_blocks = []
+        for b in self.blocks:
+            if id(b) in gone:
+                continue
+            b.start -= int(shift[b.start - 1]) if b.start > 0 else 0
+            kept_blocks.append(b)
+        self.blocks = kept_blocks
+        self.evicted_items += len(blocks)
+        self.evicted_tokens += int((~keep).sum())
+
+    @contextmanager
+    def answering(self, question: QuestionInput | None = None) -> Iterator[Any]:
+        """The cache to answer on; everything appended inside is removed on exit."""
+        length = self.length()
+        try:
+            yield self.cache
+        finally:
+            self.truncate(length)
+
+    def stats(self) -> dict:
+        nbytes = cache_nbytes(self.cache)
+        on_cpu = self.adapter.device.type == "cpu"
+        return {"kv_cache_tokens": self.length(), "kv_cache_bytes": nbytes,
+                "device_bytes": 0 if on_cpu else nbytes, "cpu_bytes": nbytes if on_cpu else 0,
+                "items_in_memory": len(self.blocks), "evicted_items": self.evicted_items,
+                "evicted_tokens": self.evicted_tokens}
+
+
+@dataclass(frozen=True)
+class FullMemory:
+    """Keep the whole stream in the KV cache (the default, ``memory="full"``)."""
+
+    name: str = field(default="full", init=False)
+
+    def open(self, adapter) -> MemoryStore:
+        return MemoryStore(adapter)
+
+
+class _WindowStore(MemoryStore):
+    def __init__(self, adapter, seconds: float):
+        super().__init__(adapter)
+        self.seconds = seconds
+
+    def after_add(self, now: float) -> None:
+        self.evict([b for b in self.blocks if now - b.start_time > self.seconds])
+
+
+@dataclass(frozen=True)
+class SlidingWindow:
+    """Keep the last ``seconds`` of video: after each chunk, every item whose first frame is
+    more than ``seconds`` older than the newest frame leaves the cache (whole items; the
+    prompt prefix always stays). Positions of the remaining tokens do not move."""
+
+    seconds: float
+    name: str = field(default="window", init=False)
+
+    def __post_init__(self):
+        if isinstance(self.seconds, bool) or not isinstance(self.seconds, (int, float)) or not (
+                self.seconds > 0 and self.seconds != float("inf")):
+            raise ValueError(f"SlidingWindow seconds must be a positive finite number, got {self.seconds!r}")
+
+    def open(self, adapter) -> MemoryStore:
+        return _WindowStore(adapter, float(self.seconds))
+
+
+def resolve_memory(memory) -> Any:
+    """``"full"`` / None -> :class:`FullMemory`; any object with ``open(adapter)`` is a policy."""
+    if memory is None or memory == "full":
+        return FullMemory()
+    if isinstance(memory, str):
+        raise ValueError(f"memory must be 'full' or a policy such as streampress.SlidingWindow(seconds=30), "
+                         f"got {memory!r}")
+    if not callable(getattr(memory, "open", None)):
+        raise TypeError(f"memory must be 'full' or a memory policy with open(adapter), got {type(memory).__name__}")
+    return memory
+
+
+def __getattr__(name: str):
+    if name == "RetrievalMemory":
+        from .memory_retrieval import RetrievalMemory
+
+        return RetrievalMemory
+    raise AttributeError(f"module 'streampress.memory' has no attribute {name!r}")

@@ -1,0 +1,261 @@
+"""The model-adapter protocol that :class:`streampress.session.StreamingSession` drives.
+
+An adapter wraps one Hugging Face vision-language model and exposes what a *stream* needs,
+as plain tensors, so that the session can stay model-agnostic:
+
+1. ``preprocess(frames)`` -- uint8 frames ``[F, H, W, 3]`` (F a multiple of
+   ``frames_per_item``) to a :class:`VisualBatch` of ``F // frames_per_item`` *items*.
+   An item is the unit the LLM sees per time step: a temporal patch of 2 frames for Qwen,
+   one frame for LLaVA-OneVision.
+2. ``encode(batch, cacher_state=None, cacher=None)`` -- the vision tower (+ merger /
+   projector / pooling) to :class:`EncodedItems`: ``grids [T, H', W', D]`` in the LLM's
+   embedding space plus per-token ``extras`` (e.g. Qwen3-VL DeepStack features
+   ``[T, H', W', n_deepstack, D]``) that the session prunes with the same keep mask.
+   With a cacher state the adapter routes the vision tower through
+   ``cacher.encode(visual_module, pixel_values, grid_thw, state)``.
+3. Layout and positions. :meth:`ModelAdapter.begin_stream` gives the text that opens a
+   stream (system prompt, chat header, ...) and :meth:`ModelAdapter.layout_items` the
+   token sequence of a chunk of items: wrapper text tokens (Qwen3-VL timestamps,
+   ``<|vision_start|>`` ...) interleaved with the visual tokens, with the positions of
+   EVERY token of the unpruned stream. Positions are ``[P, L]`` int64 tensors: P = 3
+   for Qwen's M-RoPE (t, h, w), P = 1 for 1-D RoPE. The position bookkeeping lives in an
+   immutable :class:`PositionState` that the session owns (one per stream) and replaces
+   only after a chunk succeeded.
+4. Text: ``tokenize`` / ``detokenize`` / ``embed_text`` and the prompt pieces
+   (:meth:`ModelAdapter.question_ids`). Text after video starts at
+   ``state.max_position + 1`` on every axis (the official Qwen / vLLM rule), and each
+   generated token advances it by one.
+5. ``forward(embeds, positions, cache, ...)`` -- one language-model forward with explicit
+   positions into a KV cache (``new_cache()``), returning last-token logits on request.
+
+The session never looks inside the HF model and never relies on model-level state such
+as ``rope_deltas``; an adapter keeps no per-stream state either, so one adapter serves any
+number of interleaved sessions.
+
+A new family subclasses :class:`ModelAdapter` and registers with one line in
+``streampress/models/__init__.py`` (see ``register_family``).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping, Sequence
+
+import torch
+
+TEXT = 0
+"""Token kind of a text (wrapper / prompt) token in a :class:`TokenLayout`."""
+VISUAL = 1
+"""Token kind of a visual token in a :class:`TokenLayout`."""
+
+
+@dataclass
+class VisualBatch:
+    """Preprocessed pixels of ``num_items`` consecutive items of one stream.
+
+    ``pixel_values`` and ``grid_thw`` are in the layout the family's vision tower takes
+    (Qwen: ``pixel_values_videos [sum t*h*w, C*tp*p*p]`` and ``video_grid_thw [1, 3]`` with
+    t = ``num_items``; LLaVA-OV: ``[num_items, 3, S, S]`` and ``grid_thw`` None).
+    ``frame_hw`` is the (height, width) the frames were resized to.
+    """
+
+    pixel_values: torch.Tensor
+    grid_thw: torch.Tensor | None
+    num_items: int
+    frame_hw: tuple[int, int]
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EncodedItems:
+    """Vision-tower output for a chunk of items.
+
+    ``grids``: ``[T, H', W', D]`` post-merger/projector embeddings (what the LLM reads and
+    what pruners score). ``extras``: name -> tensor ``[T, H', W', ...]``, one entry per
+    visual token, pruned with the same mask as ``grids`` and handed back to
+    :meth:`ModelAdapter.forward` (kept tokens only, flattened to ``[N_kept, ...]``).
+    """
+
+    grids: torch.Tensor
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PositionState:
+    """Position bookkeeping of one stream (immutable; owned by the session).
+
+    - ``next_position``: where the next sequentially laid out token goes (the cursor).
+    - ``max_position``: maximum position on any axis of all tokens so far, pruned ones
+      included (the unpruned stream); -1 before anything. Text after video starts at
+      ``max_position + 1``.
+    - ``num_items``: items laid out so far (the index of the next item).
+    - ``start_time``: timestamp (seconds) of the stream's first frame, None before it.
+    - ``video_start``: position where the stream's video began (Qwen2/2.5-VL lay the
+      whole stream out as one video starting there), None before the first item.
+    """
+
+    next_position: int = 0
+    max_position: int = -1
+    num_items: int = 0
+    start_time: float | None = None
+    video_start: int | None = None
+
+    def advanced(self, **changes) -> "PositionState":
+        return replace(self, **changes)
+
+
+@dataclass
+class TokenLayout:
+    """A run of tokens in sequence order: text tokens and visual tokens, with positions.
+
+    - ``kinds``: ``[L]`` int64, :data:`TEXT` or :data:`VISUAL`.
+    - ``input_ids``: ``[L]`` int64 token ids of text tokens (visual entries: any id, unused).
+    - ``positions``: ``[P, L]`` int64 positions of every token (unpruned stream).
+    - ``visual_index``: ``[L]`` int64: for visual tokens, the index into
+      ``grids.reshape(-1, D)`` of the chunk (T*H'*W' raster order); -1 for text.
+    - ``item``: ``[L]`` int64: the stream-wide item index a token belongs to (wrapper text
+      of an item included), -1 for tokens that belong to no item (prompt text).
+    """
+
+    kinds: torch.Tensor
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    visual_index: torch.Tensor
+    item: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.kinds.numel())
+
+    @staticmethod
+    def text(ids: Sequence[int], positions: torch.Tensor, item: int = -1) -> "TokenLayout":
+        """A text-only layout of ``ids`` at ``positions [P, len(ids)]``."""
+        n = len(ids)
+        return TokenLayout(
+            kinds=torch.full((n,), TEXT, dtype=torch.long),
+            input_ids=torch.as_tensor(list(ids), dtype=torch.long).reshape(n),
+            positions=positions.to(torch.long),
+            visual_index=torch.full((n,), -1, dtype=torch.long),
+            item=torch.full((n,), item, dtype=torch.long),
+        )
+
+    @staticmethod
+    def cat(parts: Sequence["TokenLayout"]) -> "TokenLayout":
+        return TokenLayout(
+            kinds=torch.cat([p.kinds for p in parts]),
+            input_ids=torch.cat([p.input_ids for p in parts]),
+            positions=torch.cat([p.positions for p in parts], dim=1),
+            visual_index=torch.cat([p.visual_index for p in parts]),
+            item=torch.cat([p.item for p in parts]),
+        )
+
+
+def text_positions(start: int, n: int, num_axes: int) -> torch.Tensor:
+    """Positions ``[num_axes, n]`` of ``n`` consecutive text tokens from ``start`` (all axes equal)."""
+    return (torch.arange(n, dtype=torch.long) + start).unsqueeze(0).expand(num_axes, n).clone()
+
+
+class ModelAdapter(ABC):
+    """Protocol between a streaming session and one model family (see the module docstring).
+
+    Attributes every adapter sets:
+      ``family`` (str), ``hf_model`` (the Hugging Face model), ``frames_per_item`` (int),
+      ``position_axes`` (P: 3 for M-RoPE, 1 for 1-D RoPE), ``hidden_size`` (D),
+      ``max_context`` (largest position + 1 the LLM supports), ``device``, ``dtype``.
+    """
+
+    family: str
+    hf_model: Any
+    frames_per_item: int
+    position_axes: int
+    hidden_size: int
+    max_context: int
+
+    # ---- frames -> grids -------------------------------------------------------------
+    @abstractmethod
+    def preprocess(self, frames: torch.Tensor) -> VisualBatch:
+        """uint8 ``[F, H, W, 3]`` (F a multiple of ``frames_per_item``) -> :class:`VisualBatch`."""
+
+    @abstractmethod
+    def encode(self, batch: VisualBatch, cacher_state: Any = None, cacher: Any = None) -> EncodedItems:
+        """Vision tower on a batch -> :class:`EncodedItems` (grids ``[T, H', W', D]``)."""
+
+    # ---- layout ---------------------------------------------------------------------
+    @abstractmethod
+    def begin_stream(self, state: PositionState) -> tuple[TokenLayout, PositionState]:
+        """The text that opens a stream (system prompt, chat header, ...), laid out at
+        ``state.next_position``, and the state after it."""
+
+    @abstractmethod
+    def layout_items(
+        self, state: PositionState, frame_times: torch.Tensor, grid_hw: tuple[int, int]
+    ) -> tuple[TokenLayout, PositionState]:
+        """Layout of a chunk of T items. ``frame_times``: float64 ``[T, frames_per_item]``,
+        seconds since the stream's first frame. Returns every token of the chunk (wrapper
+        text and all H'*W' visual tokens per item, in sequence order) with positions of
+        the unpruned stream, and the state after the chunk (pure: ``state`` is unchanged)."""
+
+    @abstractmethod
+    def question_ids(self, question: str, has_video: bool) -> list[int]:
+        """Token ids of the user's question turn that follows the stream (closing
+        wrappers, the question, end of turn, the assistant header)."""
+
+    # ---- text -----------------------------------------------------------------------
+    @abstractmethod
+    def tokenize(self, text: str) -> list[int]:
+        """Text -> token ids (no special tokens added)."""
+
+    @abstractmethod
+    def detokenize(self, ids: Sequence[int]) -> str:
+        """Token ids -> text (special tokens skipped)."""
+
+    @property
+    @abstractmethod
+    def stop_token_ids(self) -> frozenset[int]:
+        """Ids that end an answer (end of turn / end of text)."""
+
+    @abstractmethod
+    def embed_text(self, ids: torch.Tensor) -> torch.Tensor:
+        """``[L]`` int64 ids -> ``[L, D]`` embeddings (model dtype and device)."""
+
+    # ---- language model -------------------------------------------------------------
+    @abstractmethod
+    def new_cache(self) -> Any:
+        """An empty KV cache (transformers ``DynamicCache``) for one stream."""
+
+    @abstractmethod
+    def forward(
+        self,
+        embeds: torch.Tensor,
+        positions: torch.Tensor,
+        cache: Any,
+        visual_mask: torch.Tensor | None = None,
+        extras: Mapping[str, torch.Tensor] | None = None,
+        logits: str = "last",
+    ) -> torch.Tensor | None:
+        """One LLM forward of ``embeds [L, D]`` at ``positions [P, L]`` appended to ``cache``.
+
+        ``visual_mask [L]`` marks visual tokens; ``extras`` holds the kept visual tokens'
+        extras in sequence order (``[N_visual, ...]``). ``logits``: "none" (prefill only),
+        "last" (``[V]`` float32 logits of the last token) or "all" (``[L, V]``).
+        """
+
+    # ---- conveniences shared by all families -----------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf_model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.hf_model.parameters()).dtype
+
+    def describe(self) -> dict:
+        """A small JSON-able description (family, sizes, dtype, device) for reports."""
+        return {
+            "family": self.family,
+            "hidden_size": self.hidden_size,
+            "frames_per_item": self.frames_per_item,
+            "position_axes": self.position_axes,
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "device": str(self.device),
+        }

@@ -1,0 +1,377 @@
+"""LLaVA-OneVision: SigLIP encoder, projector, 2x2 bilinear pooling and a Qwen2 LLM with 1-D RoPE.
+
+Per frame (an *item*; ``frames_per_item = 1``): the frame is resized to the vision tower's
+square input (384x384), SigLIP encodes it alone (27x27 patch tokens), the hidden state of
+``vision_feature_layer`` goes through the two-layer projector into the LLM's space, and a
+bilinear 2x2 pooling gives the ``[14, 14, D]`` grid the pruners score -- exactly
+``LlavaOnevisionModel.get_video_features`` of transformers 5.x, frame by frame.
+
+Sequence layout, as Hugging Face lays out a video: the frames' grids one after another in
+raster order, then ONE learned ``image_newline`` embedding after the whole video (not one
+per frame), then the text. In a stream the video "ends" whenever a question is asked, so the
+newline belongs to the question turn: :meth:`LlavaOneVisionAdapter.question_ids` starts with
+the ``<video>`` placeholder id, which :meth:`LlavaOneVisionAdapter.embed_text` turns into
+``image_newline``. It is a text-kind token, never pruned, and leaves the cache with the
+question. Positions are 1-D (``[1, L]``): every visual token keeps its index in the unpruned
+sequence, and text after the video resumes at the maximum position so far plus one, which
+for an unpruned stream reproduces Hugging Face's consecutive positions exactly.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .base import VISUAL, EncodedItems, ModelAdapter, PositionState, TokenLayout, VisualBatch, text_positions
+from .llava_onevision_preprocess import (DEFAULT_PREFIX, DEFAULT_QUESTION, FramePreprocessor, as_frame_tensor,
+                                         pooled_side, read_chat_template, split_chat_template)
+from .tokenizer import ByteTokenizer
+
+LLAVA_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>")
+"""Special tokens of the built-in byte tokenizer for random LLaVA-OneVision models (ids 256-260)."""
+
+# SigLIP so400m-patch14-384 as LLaVA-OneVision uses it: 26 of its 27 blocks (the released
+# Hugging Face configs drop the last block and read the last hidden state, which is the
+# original model's "second to last layer"), no attention-pooling head.
+_SIGLIP_SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
+                      image_size=384, patch_size=14, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
+_ARCHS = {
+    "llava-onevision-7b": dict(
+        vision=_SIGLIP_SO400M,
+        text=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                  num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
+                  rms_norm_eps=1e-6, rope_theta=1000000.0, hidden_act="silu"),
+        std=0.02),
+    "llava-onevision-tiny": dict(
+        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    image_size=70, patch_size=14, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6),
+        text=dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1 << 20,
+                  rms_norm_eps=1e-6, rope_theta=10000.0, hidden_act="silu"),
+        std=0.1),
+}
+ARCHS = tuple(_ARCHS)
+
+
+def _positive_int(name: str, value) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def build_config(arch: str, num_layers: int | None = None, vision_depth: int | None = None,
+                 vocab_size: int | None = None, tokenizer: ByteTokenizer | None = None):
+    """The ``LlavaOnevisionConfig`` of a built-in architecture, optionally cut to
+    ``num_layers`` LLM layers and ``vision_depth`` SigLIP blocks (and ``vocab_size``).
+
+    Special-token ids are those of the built-in byte tokenizer (all below ``vocab_size``).
+    """
+    from transformers import LlavaOnevisionConfig
+
+    if arch not in _ARCHS:
+        raise ValueError(f"unknown random architecture {arch!r}; expected one of {list(ARCHS)}")
+    spec = _ARCHS[arch]
+    vision = dict(spec["vision"], model_type="siglip_vision_model", vision_use_head=False)
+    text = dict(spec["text"], model_type="qwen2", tie_word_embeddings=False, use_sliding_window=False)
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": text.pop("rope_theta")}
+    if num_layers is not None:
+        text["num_hidden_layers"] = _positive_int("num_layers", num_layers)
+    if vision_depth is not None:
+        vision["num_hidden_layers"] = _positive_int("vision_depth", vision_depth)
+    if vocab_size is not None:
+        text["vocab_size"] = _positive_int("vocab_size", vocab_size)
+    tok = tokenizer or ByteTokenizer(LLAVA_SPECIAL_TOKENS)
+    if tok.vocab_size > text["vocab_size"]:
+        raise ValueError(f"vocab_size must be at least {tok.vocab_size} (the byte tokenizer's size), "
+                         f"got {text['vocab_size']}")
+    ids = dict(image_token_index=tok.token_id("<image>"), video_token_index=tok.token_id("<video>"))
+    text.update(bos_token_id=tok.token_id("<|endoftext|>"), eos_token_id=tok.token_id("<|im_end|>"),
+                pad_token_id=tok.token_id("<|endoftext|>"))
+    config = LlavaOnevisionConfig(vision_config=vision, text_config=text, vision_feature_layer=-1,
+                                  vision_feature_select_strategy="full", projector_hidden_act="gelu",
+                                  tie_word_embeddings=False, **ids)
+    config.text_config.initializer_range = spec["std"]
+    return config
+
+
+@torch.no_grad()
+def build_random_model(config, dtype: torch.dtype, device: torch.device | str, seed: int = 0):
+    """``LlavaOnevisionForConditionalGeneration`` with random weights, built fast on ``device``.
+
+    Modules are constructed directly on ``device`` in ``dtype`` with transformers'
+    initialisation switched off, then filled in place from a seeded generator: weights
+    ``normal_(0, initializer_range)``, norm scales 1, biases 0, ``image_newline``
+    ``normal_(0, 1/sqrt(D))``. Buffers (rotary frequencies, SigLIP position ids) are
+    computed by the modules at construction.
+    """
+    from transformers import LlavaOnevisionForConditionalGeneration
+    from transformers.initialization import no_init_weights
+
+    t0 = time.perf_counter()
+    device = torch.device(device)
+    with torch.device(device), no_init_weights():
+        model = LlavaOnevisionForConditionalGeneration._from_config(config, dtype=dtype)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    std = config.text_config.initializer_range
+    for name, param in model.named_parameters():
+        if name.endswith("image_newline"):
+            param.normal_(0.0, config.text_config.hidden_size ** -0.5, generator=gen)
+        elif name.endswith(".bias"):
+            param.zero_()
+        elif param.ndim == 1:  # LayerNorm / RMSNorm scales
+            param.fill_(1.0)
+        else:
+            param.normal_(0.0, std, generator=gen)
+    model.eval()
+    model.build_seconds = time.perf_counter() - t0
+    return model
+
+
+def _feature_layers(vision_feature_layer, num_layers: int) -> list[int]:
+    """Hidden-state indices (0 = embeddings, i = output of block i) a config selects."""
+    layers = [vision_feature_layer] if isinstance(vision_feature_layer, int) else list(vision_feature_layer)
+    out = [k if k >= 0 else num_layers + 1 + k for k in layers]
+    if not out or min(out) < 0 or max(out) > num_layers:
+        raise ValueError(f"vision_feature_layer {vision_feature_layer!r} is outside 0..{num_layers}")
+    return out
+
+
+def siglip_features(vision_tower, pixel_values: torch.Tensor, vision_feature_layer) -> torch.Tensor:
+    """SigLIP hidden state(s) at ``vision_feature_layer`` (``[T, N, Dv]``, concatenated over
+    layers for a list), running only the blocks needed; equals
+    ``vision_tower(px, output_hidden_states=True).hidden_states[layer]``."""
+    blocks = vision_tower.encoder.layers
+    wanted = _feature_layers(vision_feature_layer, len(blocks))
+    hidden = vision_tower.embeddings(pixel_values.to(vision_tower.embeddings.patch_embedding.weight.dtype))
+    taken = {0: hidden} if 0 in wanted else {}
+    for i, block in enumerate(blocks[: max(wanted)], start=1):
+        hidden = block(hidden, None)
+        if i in wanted:
+            taken[i] = hidden
+    return taken[wanted[0]] if len(wanted) == 1 else torch.cat([taken[k] for k in wanted], dim=-1)
+
+
+def pool_2x2(features: torch.Tensor, side: int) -> torch.Tensor:
+    """``[T, side*side, D]`` -> ``[T, ceil(side/2), ceil(side/2), D]`` by bilinear
+    interpolation (``LlavaOnevisionModel.apply_pooling``)."""
+    t, n, d = features.shape
+    if n != side * side:
+        raise ValueError(f"expected {side}x{side} = {side * side} patch tokens per frame, got {n}")
+    x = features.view(t, side, side, d).permute(0, 3, 1, 2)
+    out = side - side // 2
+    x = F.interpolate(x, size=(out, out), mode="bilinear")
+    return x.permute(0, 2, 3, 1)
+
+
+def encode_pixels(hf_model, pixel_values: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
+    """Pixel values ``[T, 3, S, S]`` -> pooled grids ``[T, s, s, D]`` in the LLM's space.
+
+    ``hidden``: SigLIP features already computed (e.g. by the STC cacher); else the tower runs.
+    """
+    config = hf_model.config
+    model = hf_model.model
+    if hidden is None:
+        hidden = siglip_features(model.vision_tower, pixel_values, config.vision_feature_layer)
+    if config.vision_feature_select_strategy == "default":
+        hidden = hidden[:, 1:]
+    projected = model.multi_modal_projector(hidden)
+    return pool_2x2(projected, config.vision_config.image_size // config.vision_config.patch_size)
+
+
+def _resolve_device_dtype(dtype, device) -> tuple[torch.device, torch.dtype]:
+    """Defaults: CUDA when available; float32 on CPU, bfloat16 elsewhere. Names accepted."""
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype is None:
+        dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.replace("torch.", ""), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch dtype or its name (e.g. 'bfloat16'), got {dtype!r}")
+    return device, dtype
+
+
+class LlavaOneVisionAdapter(ModelAdapter):
+    """Adapter of LLaVA-OneVision (``model_type`` ``llava_onevision``) for streaming sessions.
+
+    Keeps no per-stream state: one adapter serves any number of interleaved sessions.
+    ``prefix`` / ``question_template`` are the chat-template pieces before the video and
+    after it (``{question}`` marks the question).
+    """
+
+    family = "llava_onevision"
+    frames_per_item = 1
+    position_axes = 1
+
+    def __init__(self, hf_model, tokenizer, preprocessor: FramePreprocessor, prefix: str = DEFAULT_PREFIX,
+                 question_template: str = DEFAULT_QUESTION, name: str = "llava-onevision"):
+        config = hf_model.config
+        self.hf_model = hf_model.eval()
+        self.tokenizer = tokenizer
+        self.preprocessor = preprocessor
+        self.name = name
+        self.hidden_size = config.text_config.hidden_size
+        self.max_context = int(config.text_config.max_position_embeddings)
+        self.video_token_id = int(config.video_token_id)
+        side = pooled_side(config.vision_config.image_size, config.vision_config.patch_size)
+        self.grid_hw = (side, side)
+        self.prefix_ids = self.tokenize(prefix)
+        if "{question}" not in question_template:
+            raise ValueError(f"question_template must contain '{{question}}', got {question_template!r}")
+        self.question_template = question_template
+        stops = {self._special_id(t) for t in ("<|im_end|>", "<|endoftext|>")}
+        eos = config.text_config.eos_token_id
+        stops.update(eos if isinstance(eos, (list, tuple)) else [eos])
+        self._stop_ids = frozenset(int(i) for i in stops if i is not None)
+
+    # ---- construction ---------------------------------------------------------------
+    @classmethod
+    def from_random(cls, arch: str, dtype=None, device=None, num_layers: int | None = None,
+                    vision_depth: int | None = None, vocab_size: int | None = None, seed: int = 0,
+                    max_context: int | None = None, attn_implementation: str = "sdpa") -> "LlavaOneVisionAdapter":
+        """A built-in random-weight architecture (``llava-onevision-tiny`` / ``-7b``) with the
+        byte-level tokenizer and the original LLaVA-OneVision chat template."""
+        device, dtype = _resolve_device_dtype(dtype, device)
+        tokenizer = ByteTokenizer(LLAVA_SPECIAL_TOKENS)
+        config = build_config(arch, num_layers=num_layers, vision_depth=vision_depth, vocab_size=vocab_size,
+                              tokenizer=tokenizer)
+        if max_context is not None:
+            config.text_config.max_position_embeddings = _positive_int("max_context", max_context)
+        config._attn_implementation = attn_implementation
+        model = build_random_model(config, dtype=dtype, device=device, seed=seed)
+        size = config.vision_config.image_size
+        return cls(model, tokenizer, FramePreprocessor(size=(size, size)), name=f"random:{arch}")
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, model_type: str = "llava_onevision", dtype=None, device=None,
+                        attn_implementation: str = "sdpa", **kw) -> "LlavaOneVisionAdapter":
+        """A checkpoint (hub id or folder) with its own tokenizer, chat template and video
+        processor settings. Extra keywords go to the model's ``from_pretrained``."""
+        from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
+
+        if model_type != "llava_onevision":
+            raise ValueError(f"model_type must be 'llava_onevision', got {model_type!r}")
+        device, dtype = _resolve_device_dtype(dtype, device)
+        model = LlavaOnevisionForConditionalGeneration.from_pretrained(
+            name_or_path, dtype=dtype, attn_implementation=attn_implementation, **kw).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        size = model.config.vision_config.image_size
+        preprocessor = FramePreprocessor.from_pretrained(name_or_path, image_size=size)
+        prefix, question = DEFAULT_PREFIX, DEFAULT_QUESTION
+        template = read_chat_template(name_or_path, tokenizer)
+        if template:
+            prefix, question = split_chat_template(template)
+        return cls(model, tokenizer, preprocessor, prefix, question, name=name_or_path)
+
+    def _special_id(self, token: str) -> int | None:
+        if isinstance(self.tokenizer, ByteTokenizer):
+            return self.tokenizer.token_id(token) if token in self.tokenizer.special_tokens else None
+        tid = self.tokenizer.convert_tokens_to_ids(token)
+        return None if tid is None or tid == getattr(self.tokenizer, "unk_token_id", -1) else tid
+
+    # ---- frames -> grids ------------------------------------------------------------
+    def preprocess(self, frames) -> VisualBatch:
+        pixels = self.preprocessor(as_frame_tensor(frames), device=self.device)
+        return VisualBatch(pixel_values=pixels, grid_thw=None, num_items=int(pixels.shape[0]),
+                           frame_hw=tuple(self.preprocessor.size))
+
+    @torch.no_grad()
+    def encode(self, batch: VisualBatch, cacher_state: Any = None, cacher: Any = None) -> EncodedItems:
+        """Pooled grids ``[T, s, s, D]``; with a cacher state the SigLIP tower runs through
+        ``cacher.encode_siglip`` (every frame is one cacher item)."""
+        pixels = batch.pixel_values.to(self.device, self.dtype)
+        hidden = None
+        if cacher_state is not None:
+            cacher = cacher if cacher is not None else getattr(cacher_state, "cacher", None)
+            if cacher is None:
+                raise ValueError("cacher_state was given without its cacher")
+            out = cacher.encode_siglip(self.hf_model.model.vision_tower, pixels, cacher_state,
+                                       output_hidden_states=True)
+            layer = self.hf_model.config.vision_feature_layer
+            hs = out.hidden_states
+            hidden = hs[layer] if isinstance(layer, int) else torch.cat([hs[k] for k in layer], dim=-1)
+        return EncodedItems(grids=encode_pixels(self.hf_model, pixels, hidden=hidden))
+
+    # ---- layout ---------------------------------------------------------------------
+    def begin_stream(self, state: PositionState) -> tuple[TokenLayout, PositionState]:
+        n = len(self.prefix_ids)
+        layout = TokenLayout.text(self.prefix_ids, text_positions(state.next_position, n, 1))
+        end = state.next_position + n
+        return layout, state.advanced(next_position=end, max_position=max(state.max_position, end - 1))
+
+    def layout_items(self, state: PositionState, frame_times: torch.Tensor,
+                     grid_hw: tuple[int, int]) -> tuple[TokenLayout, PositionState]:
+        t = int(frame_times.shape[0])
+        per_item = int(grid_hw[0]) * int(grid_hw[1])
+        n = t * per_item
+        start = state.next_position
+        positions = (torch.arange(n, dtype=torch.long) + start).unsqueeze(0)
+        layout = TokenLayout(
+            kinds=torch.full((n,), VISUAL, dtype=torch.long),
+            input_ids=torch.full((n,), self.video_token_id, dtype=torch.long),
+            positions=positions,
+            visual_index=torch.arange(n, dtype=torch.long),
+            item=torch.arange(state.num_items, state.num_items + t, dtype=torch.long).repeat_interleave(per_item),
+        )
+        new_state = state.advanced(
+            next_position=start + n, max_position=max(state.max_position, start + n - 1),
+            num_items=state.num_items + t,
+            video_start=start if state.video_start is None else state.video_start)
+        return layout, new_state
+
+    def question_ids(self, question: str, has_video: bool) -> list[int]:
+        """The question turn; with video it starts with the ``<video>`` id, embedded as the
+        model's ``image_newline`` (Hugging Face's end-of-video token)."""
+        ids = self.tokenize(self.question_template.format(question=question))
+        return ([self.video_token_id] + ids) if has_video else ids
+
+    # ---- text -----------------------------------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    @property
+    def stop_token_ids(self) -> frozenset[int]:
+        return self._stop_ids
+
+    @torch.no_grad()
+    def embed_text(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings; the ``<video>`` id becomes ``image_newline``."""
+        ids = torch.as_tensor(ids, dtype=torch.long, device=self.device).reshape(-1)
+        embeds = self.hf_model.get_input_embeddings()(ids)
+        is_newline = (ids == self.video_token_id).unsqueeze(-1)
+        return torch.where(is_newline, self.hf_model.model.image_newline.to(embeds.dtype), embeds)
+
+    # ---- language model -------------------------------------------------------------
+    def new_cache(self):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.hf_model.config.text_config)
+
+    @torch.no_grad()
+    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, cache: Any,
+                visual_mask: torch.Tensor | None = None, extras: Mapping[str, torch.Tensor] | None = None,
+                logits: str = "last") -> torch.Tensor | None:
+        if logits not in ("none", "last", "all"):
+            raise ValueError(f"logits must be 'none', 'last' or 'all', got {logits!r}")
+        if embeds.ndim != 2 or positions.shape != (1, embeds.shape[0]):
+            raise ValueError(f"expected embeds [L, D] and positions [1, L], got {tuple(embeds.shape)} "
+                             f"and {tuple(positions.shape)}")
+        out = self.hf_model.model.language_model(
+            inputs_embeds=embeds.to(self.device, self.dtype)[None], position_ids=positions.to(self.device),
+            past_key_values=cache, use_cache=True)
+        if logits == "none":
+            return None
+        hidden = out.last_hidden_state[0]
+        hidden = hidden[-1] if logits == "last" else hidden
+        return self.hf_model.lm_head(hidden).float()
+
+
+LlavaOnevisionAdapter = LlavaOneVisionAdapter
+"""Alias with transformers' capitalisation (``LlavaOnevision...``)."""

@@ -1,0 +1,169 @@
+"""Built-in random-weight Qwen architectures (``random:<arch>`` in :func:`load_model`).
+
+Tiny ones (hidden 64, 2 layers, vision depth 2) are for tests and demos; ``qwen2.5-vl-7b``
+and ``qwen2.5-vl-3b`` carry the real layer shapes of the released checkpoints (for speed
+benchmarks) and can be cut to fewer LLM layers (``num_layers``) and vision blocks
+(``vision_depth``). When a cut removes every full-attention vision block, the last kept
+block becomes full-attention, so the encoder keeps both attention kinds.
+
+Special-token ids of every random architecture lie in the built-in byte-level
+tokenizer's range (see :mod:`streampress.models.tokenizer`), below ``vocab_size``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .tokenizer import ByteTokenizer
+
+_TINY_VOCAB = 512
+
+# Real Qwen2.5-VL vision tower (shared by the 3B and 7B checkpoints).
+_QWEN25_VISION = dict(depth=32, hidden_size=1280, num_heads=16, intermediate_size=3420, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2, window_size=112, tokens_per_second=2,
+                      fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu", in_channels=3)
+
+_ARCHS = {
+    "qwen2.5-vl-7b": dict(
+        model_type="qwen2_5_vl",
+        text=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                  num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=128000,
+                  rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                                                      "mrope_section": [16, 24, 24]}),
+        vision=dict(_QWEN25_VISION, out_hidden_size=3584), tie=False),
+    "qwen2.5-vl-3b": dict(
+        model_type="qwen2_5_vl",
+        text=dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                  num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=128000,
+                  rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                                                      "mrope_section": [16, 24, 24]}),
+        vision=dict(_QWEN25_VISION, out_hidden_size=2048), tie=True),
+    "qwen2.5-vl-tiny": dict(
+        model_type="qwen2_5_vl",
+        text=dict(vocab_size=_TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1 << 20,
+                  rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                      "mrope_section": [4, 2, 2]}),
+        vision=dict(depth=2, hidden_size=32, num_heads=4, intermediate_size=64, patch_size=14,
+                    spatial_merge_size=2, temporal_patch_size=2, window_size=112, tokens_per_second=2,
+                    fullatt_block_indexes=[1], out_hidden_size=64, hidden_act="silu"), tie=False),
+    "qwen2-vl-tiny": dict(
+        model_type="qwen2_vl",
+        text=dict(vocab_size=_TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1 << 20,
+                  rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                      "mrope_section": [4, 2, 2]}),
+        vision=dict(depth=2, embed_dim=32, num_heads=4, mlp_ratio=2, patch_size=14, spatial_merge_size=2,
+                    temporal_patch_size=2, hidden_size=64), tie=False),
+    "qwen3-vl-tiny": dict(
+        model_type="qwen3_vl",
+        text=dict(vocab_size=_TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1 << 20,
+                  rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                      "mrope_section": [4, 2, 2], "mrope_interleaved": True}),
+        vision=dict(depth=2, hidden_size=32, num_heads=4, intermediate_size=64, patch_size=16,
+                    spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64,
+                    num_position_embeddings=64, deepstack_visual_indexes=[0, 1]), tie=False),
+}
+
+ARCHS = tuple(_ARCHS)
+
+
+def _config_class(model_type: str):
+    if model_type == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLConfig as cls
+    elif model_type == "qwen2_vl":
+        from transformers import Qwen2VLConfig as cls
+    else:
+        from transformers import Qwen3VLConfig as cls
+    return cls
+
+
+def build_config(arch: str, num_layers: int | None = None, vision_depth: int | None = None,
+                 vocab_size: int | None = None, tokenizer: ByteTokenizer | None = None):
+    """The HF config of a built-in architecture, optionally cut (see the module docstring)."""
+    if arch not in _ARCHS:
+        raise ValueError(f"unknown random architecture {arch!r}; expected one of {list(ARCHS)}")
+    spec = _ARCHS[arch]
+    text, vision = dict(spec["text"]), dict(spec["vision"])
+    text["rope_parameters"] = dict(text["rope_parameters"])
+    for name, value, key, target in (("num_layers", num_layers, "num_hidden_layers", text),
+                                     ("vision_depth", vision_depth, "depth", vision),
+                                     ("vocab_size", vocab_size, "vocab_size", text)):
+        if value is not None:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            target[key] = value
+    if "fullatt_block_indexes" in vision:
+        full = [i for i in vision["fullatt_block_indexes"] if i < vision["depth"]]
+        vision["fullatt_block_indexes"] = full or [vision["depth"] - 1]
+    if "deepstack_visual_indexes" in vision:
+        vision["deepstack_visual_indexes"] = [i for i in vision["deepstack_visual_indexes"] if i < vision["depth"]]
+    tok = tokenizer or ByteTokenizer()
+    if tok.vocab_size > text["vocab_size"]:
+        raise ValueError(f"vocab_size must be at least {tok.vocab_size} (the byte tokenizer's size), "
+                         f"got {text['vocab_size']}")
+    ids = dict(image_token_id=tok.token_id("<|image_pad|>"), video_token_id=tok.token_id("<|video_pad|>"),
+               vision_start_token_id=tok.token_id("<|vision_start|>"),
+               vision_end_token_id=tok.token_id("<|vision_end|>"))
+    text.update(bos_token_id=tok.token_id("<|endoftext|>"), eos_token_id=tok.token_id("<|im_end|>"),
+                pad_token_id=tok.token_id("<|endoftext|>"))
+    cls = _config_class(spec["model_type"])
+    config = cls(text_config=text, vision_config=vision, tie_word_embeddings=spec["tie"], **ids)
+    if spec["tie"]:
+        config.text_config.tie_word_embeddings = True
+    return config
+
+
+def _model_class(model_type: str):
+    if model_type == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLForConditionalGeneration as cls
+    elif model_type == "qwen2_vl":
+        from transformers import Qwen2VLForConditionalGeneration as cls
+    else:
+        from transformers import Qwen3VLForConditionalGeneration as cls
+    return cls
+
+
+@torch.no_grad()
+def build_random_model(config, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    """Instantiate ``config`` with random weights, fast.
+
+    The module tree is built directly on ``device`` and in ``dtype`` (as ``from_pretrained`` does: rotary
+    frequency buffers stay float32) with transformers' initialisation switched off, so
+    memory is only allocated; then every parameter is filled in place on ``device``:
+    weights uniform with the standard deviation ``initializer_range`` (half the cost of a
+    normal draw), norm scales 1, biases 0.
+    """
+    from transformers.initialization import no_init_weights
+
+    cls = _model_class(config.model_type)
+    t0 = time.perf_counter()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with no_init_weights(), torch.device(device):
+            model = cls(config)
+    finally:
+        torch.set_default_dtype(previous)
+    if device.type == "meta":  # shapes only (e.g. to inspect an architecture without memory)
+        model.eval()
+        model.build_seconds = time.perf_counter() - t0
+        return model
+    gen = torch.Generator(device=device).manual_seed(seed)
+    bound = getattr(config.text_config, "initializer_range", 0.02) * 3.0 ** 0.5
+    for name, param in model.named_parameters():
+        lname = name.lower()
+        if name.endswith(".bias"):
+            param.zero_()
+        elif "norm" in lname or lname.endswith("ln_q.weight") or param.ndim == 1:
+            param.fill_(1.0)
+        else:
+            param.uniform_(-bound, bound, generator=gen)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    model.eval()
+    model.build_seconds = time.perf_counter() - t0
+    return model

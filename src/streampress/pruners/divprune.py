@@ -1,0 +1,66 @@
+"""DivPrune: per-grid greedy max-min diversity selection on cosine distance.
+
+Per grid, with cosine distance ``d(u, v) = 1 - cos(u, v)``: start from the token farthest
+from the grid mean (the mean of the raw embeddings), then repeatedly add the token whose
+minimum distance to the selected set is largest, until ``k`` tokens are selected. Ties go
+to the earlier token in raster order.
+
+The greedy loop is sequential in ``k`` by nature; every step is vectorised over the
+tokens and over all the grids of the call, from one batched Gram matrix. No state is
+carried across grids.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Pruner, check_count, check_exclusive, check_keep_ratio, ratio_budget, unit_tokens
+
+DEFAULT_KEEP_RATIO = 0.25
+
+
+def max_min_diverse(xn: torch.Tensor, mean_dir: torch.Tensor, k: int) -> torch.Tensor:
+    """Greedy max-min selection of ``k`` tokens per grid; ``xn [T, N, D]`` unit tokens,
+    ``mean_dir [T, D]`` unit grid means. Returns a bool mask ``[T, N]``."""
+    T, N, _ = xn.shape
+    rows = torch.arange(T, device=xn.device)
+    dist = 1.0 - torch.bmm(xn, xn.mT)  # [T, N, N]
+    first = (1.0 - torch.bmm(xn, mean_dir.unsqueeze(-1)).squeeze(-1)).argmax(dim=1)  # first max wins
+    selected = torch.zeros((T, N), dtype=torch.bool, device=xn.device)
+    selected[rows, first] = True
+    min_dist = dist[rows, first]  # [T, N]
+    for _ in range(k - 1):
+        nxt = min_dist.masked_fill(selected, float("-inf")).argmax(dim=1)
+        selected[rows, nxt] = True
+        min_dist = torch.minimum(min_dist, dist[rows, nxt])
+    return selected
+
+
+class DivPrunePruner(Pruner):
+    """Keep a maximally diverse subset of every grid (greedy max-min cosine distance).
+
+    Args:
+        keep_ratio: keep ``ceil(keep_ratio * H * W)`` tokens per grid (default 0.25).
+        tokens_per_grid: instead, keep this many tokens per grid (all when the grid is smaller).
+    """
+
+    name = "divprune"
+
+    def __init__(self, *, keep_ratio: float | None = None, tokens_per_grid: int | None = None) -> None:
+        check_exclusive(keep_ratio, tokens_per_grid=tokens_per_grid)
+        if tokens_per_grid is None:
+            keep_ratio = check_keep_ratio(DEFAULT_KEEP_RATIO if keep_ratio is None else keep_ratio)
+        else:
+            tokens_per_grid = check_count(tokens_per_grid, "tokens_per_grid")
+        self.keep_ratio = keep_ratio
+        self.tokens_per_grid = tokens_per_grid
+        super().__init__(keep_ratio=keep_ratio, tokens_per_grid=tokens_per_grid)
+
+    def _prune(self, x: torch.Tensor, state: None):
+        T, H, W, D = x.shape
+        N = H * W
+        k = ratio_budget(self.keep_ratio, N) if self.tokens_per_grid is None else min(self.tokens_per_grid, N)
+        z = x.reshape(T, N, D)
+        xn = unit_tokens(z)
+        mean_dir = unit_tokens(z.mean(dim=1))
+        return max_min_diverse(xn, mean_dir, k).view(T, H, W), None

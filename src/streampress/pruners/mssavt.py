@@ -1,0 +1,89 @@
+"""MSSAVT: Maximum Similarity to Spatially Adjacent Video Tokens (StreamingAssistant).
+
+Redundancy of token (h, w) of a grid::
+
+    R[h, w] = max over the existing 4-neighbours (h±1, w), (h, w±1) of cos(x[h, w], x[nb])
+
+No diagonals; border tokens use the neighbours that exist; a 1x1 grid has none
+(R = -inf, nothing dropped). **Masked pruning**: only tokens of one checkerboard colour,
+``(h + w) % 2 == 1``, may be dropped: ``drop = (R > tau) & checkerboard``. No two
+4-adjacent tokens are ever both dropped, so the neighbour that justified a drop survives;
+MSSAVT alone drops at most half a grid.
+
+``keep_ratio`` mode drops the eligible tokens with the highest R, down to the budget or
+until no eligible token is left (then it keeps more than the budget).
+
+The computation is one vectorised pass: unit-normalise once, dot products with the right
+and the lower neighbour (the left/upper ones are the same numbers shifted), pad with -inf
+where a neighbour does not exist, and take the maximum.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import Pruner, check_exclusive, check_keep_ratio, check_threshold, keep_lowest, ratio_budget, unit_tokens
+
+#: StreamingAssistant's spatial operating point (tau_s = 0.2, with tau_t = 0.2).
+DEFAULT_TAU = 0.2
+
+_NEG_INF = float("-inf")
+
+
+def neighbour_similarity(xn: torch.Tensor) -> torch.Tensor:
+    """``R [T, H, W]``: the maximum cosine similarity of each token to its 4-neighbours.
+
+    ``xn`` holds unit tokens ``[T, H, W, D]``. Tokens without any neighbour get -inf.
+    """
+    right = torch.linalg.vecdot(xn[:, :, :-1], xn[:, :, 1:])  # pair (h, w)-(h, w+1): [T, H, W-1]
+    down = torch.linalg.vecdot(xn[:, :-1], xn[:, 1:])  # pair (h, w)-(h+1, w): [T, H-1, W]
+    right = F.pad(right, (1, 1), value=_NEG_INF)  # [T, H, W+1]; column w+1 holds pair (w, w+1)
+    down = F.pad(down, (0, 0, 1, 1), value=_NEG_INF)  # [T, H+1, W]
+    horizontal = torch.maximum(right[:, :, 1:], right[:, :, :-1])  # right neighbour, left neighbour
+    vertical = torch.maximum(down[:, 1:], down[:, :-1])  # lower neighbour, upper neighbour
+    return torch.maximum(horizontal, vertical)
+
+
+def checkerboard(H: int, W: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Bool ``[H, W]``: True on the colour that may be dropped, ``(h + w) % 2 == 1``."""
+    h = torch.arange(H, device=device)[:, None]
+    w = torch.arange(W, device=device)[None, :]
+    return (h + w) % 2 == 1
+
+
+class MSSAVTPruner(Pruner):
+    """Drop tokens nearly identical to a spatial neighbour, never two adjacent ones.
+
+    Args:
+        tau: a checkerboard token is dropped when its maximum cosine similarity to a
+            4-neighbour is above ``tau`` (default 0.2).
+        keep_ratio: instead of ``tau``, keep ``ceil(keep_ratio * H * W)`` tokens per grid
+            (or more when fewer than that can be dropped: at most the checkerboard colour).
+    """
+
+    name = "mssavt"
+
+    def __init__(self, *, tau: float | None = None, keep_ratio: float | None = None) -> None:
+        check_exclusive(keep_ratio, tau=tau)
+        if keep_ratio is None:
+            tau = check_threshold(DEFAULT_TAU if tau is None else tau, "tau")
+        else:
+            keep_ratio = check_keep_ratio(keep_ratio)
+        self.tau = tau
+        self.keep_ratio = keep_ratio
+        super().__init__(tau=tau, keep_ratio=keep_ratio)
+
+    def _checkerboard(self, H: int, W: int, device: torch.device) -> torch.Tensor:
+        return self._cached(("checkerboard", H, W, device), lambda: checkerboard(H, W, device))
+
+    def _prune(self, x: torch.Tensor, state: None):
+        T, H, W, _ = x.shape
+        r = neighbour_similarity(unit_tokens(x))
+        board = self._checkerboard(H, W, x.device)
+        if self.keep_ratio is None:
+            keep = ~((r > self.tau) & board)
+        else:
+            scores = r.masked_fill(~board, _NEG_INF).view(T, H * W)
+            keep = keep_lowest(scores, ratio_budget(self.keep_ratio, H * W)).view(T, H, W)
+        return keep, None

@@ -1,0 +1,164 @@
+"""STC-Pruner (STC: Accelerating Streaming Video LLMs via Hierarchical Token Compression).
+
+Per grid with tokens ``Z [N, D]``:
+
+1. Channels: the ``D/2`` channels with the smallest population variance over the grid's
+   tokens (ties: the lower channel index), used for scoring only.
+2. Memory: the grid's mean over tokens, in **all** D channels, joins the stream's memory;
+   ``m`` = mean of the memory entries (this grid included), restricted to this grid's
+   channels and L2-normalised. Keeping full-D means and selecting afterwards keeps the
+   coordinates consistent (the public code averages means taken over different channel
+   subsets), and the memory is emptied by ``reset()`` (the public code never resets it).
+   Optional ``window``: only the last ``window`` grid means count.
+3. ``x`` = L2-normalised selected-channel tokens; frame anchor ``a`` = mean of ``x``
+   (not re-normalised).
+4. Kernel ``K(u, v) = sum over alpha in {1/8, 1/4, 1/2, 1, 2} of exp(-||u - v||^2 / (2 alpha))``.
+5. Score ``s = K(x, a) + K(x, m)`` (high = redundant); keep the ``k`` lowest scores.
+
+VidCom2 (``vidcom2.py``) is the same score without the memory term.
+
+Implementation notes (speed): the selected channels are a 0/1 channel mask rather than a
+gather, and ``x`` is never materialised: ``||x_i - v||^2 = |x_i|^2 + |v|^2 - 2 (z_i . v) / n_i``
+for an anchor ``v`` that is zero outside the selected channels, so two matrix-vector
+products over the raw grid give every distance. The memory sum is kept in float64.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import NORM_EPS, Pruner, check_count, check_exclusive, check_keep_ratio, keep_lowest, ratio_budget, require_finite
+
+KERNEL_ALPHAS = (1 / 8, 1 / 4, 1 / 2, 1.0, 2.0)
+#: Public STC default: 60 of LLaVA-OneVision's 196 tokens per frame, 64 later; 64 of a
+#: 16x16 Qwen grid is a quarter.
+DEFAULT_TOKENS_PER_GRID = 64
+
+
+def token_statistics(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per grid and channel, the mean and the population variance over tokens: ``[T, D]`` each."""
+    mean = z.mean(dim=1)
+    var = (z - mean.unsqueeze(1)).square_().mean(dim=1)
+    return mean, var
+
+
+def select_channels(var: torch.Tensor) -> torch.Tensor:
+    """0/1 float mask ``[T, D]`` of the ``max(1, D // 2)`` lowest-variance channels per grid."""
+    T, D = var.shape
+    idx = torch.sort(var, dim=-1, stable=True).indices[:, : max(1, D // 2)]
+    return torch.zeros_like(var).scatter_(1, idx, 1.0)
+
+
+def kernel(d2: torch.Tensor) -> torch.Tensor:
+    """Multi-bandwidth Gaussian kernel ``sum_alpha exp(-d2 / (2 alpha))`` of squared distances."""
+    total = torch.exp(d2 * (-0.5 / KERNEL_ALPHAS[0]))
+    for alpha in KERNEL_ALPHAS[1:]:
+        total += torch.exp(d2 * (-0.5 / alpha))
+    return total
+
+
+def redundancy_scores(
+    z: torch.Tensor, var: torch.Tensor, memory: torch.Tensor | None = None
+) -> torch.Tensor:
+    """STC's score per token, ``[T, N]`` (high = redundant).
+
+    ``z [T, N, D]`` raw tokens, ``var [T, D]`` their per-channel variance over tokens,
+    ``memory [T, D]`` the full-D memory mean seen by each grid (None: VidCom2's score,
+    frame anchor only).
+    """
+    T, N, D = z.shape
+    channels = select_channels(var)
+    norms = torch.bmm(z.square(), channels.unsqueeze(-1)).squeeze(-1).sqrt_()  # selected-channel norms
+    inv = 1.0 / norms.clamp_min(NORM_EPS)
+    anchor = torch.bmm((inv / N).unsqueeze(1), z).squeeze(1) * channels  # mean of unit tokens
+    anchors = [anchor]
+    if memory is not None:
+        m = memory * channels
+        anchors.append(m / torch.linalg.vector_norm(m, dim=-1, keepdim=True).clamp_min(NORM_EPS))
+    v = torch.stack(anchors, dim=1)  # [T, J, D]
+    dots = torch.bmm(z, v.mT) * inv.unsqueeze(-1)  # x_i . v, [T, N, J]
+    xx = (norms * inv).square_().unsqueeze(-1)  # |x_i|^2: 1, or 0 for an all-zero token
+    vv = v.square().sum(-1).unsqueeze(1)  # |v|^2, [T, 1, J]
+    d2 = (xx + vv - 2.0 * dots).clamp_min_(0.0)
+    return kernel(d2).sum(-1)
+
+
+def _stream_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+
+
+class STCPruner(Pruner):
+    """Keep the tokens least similar to their frame and to the stream's memory.
+
+    Args:
+        tokens_per_grid: tokens kept per grid (default 64; all when the grid is smaller).
+        keep_ratio: instead, keep ``ceil(keep_ratio * H * W)`` tokens per grid.
+        window: the memory holds the last ``window`` grid means (default None: every grid
+            since the stream started).
+    """
+
+    name = "stc"
+    uses_memory = True
+
+    def __init__(
+        self,
+        *,
+        tokens_per_grid: int | None = None,
+        keep_ratio: float | None = None,
+        window: int | None = None,
+    ) -> None:
+        check_exclusive(keep_ratio, tokens_per_grid=tokens_per_grid)
+        if keep_ratio is None:
+            tokens_per_grid = check_count(
+                DEFAULT_TOKENS_PER_GRID if tokens_per_grid is None else tokens_per_grid, "tokens_per_grid"
+            )
+        else:
+            keep_ratio = check_keep_ratio(keep_ratio)
+        if window is not None:
+            window = check_count(window, "window")
+        self.tokens_per_grid = tokens_per_grid
+        self.keep_ratio = keep_ratio
+        self.window = window
+        params = {"tokens_per_grid": tokens_per_grid, "keep_ratio": keep_ratio}
+        if self.uses_memory:
+            params["window"] = window
+        super().__init__(**params)
+
+    def _budget(self, n: int) -> int:
+        if self.keep_ratio is None:
+            return min(self.tokens_per_grid, n)
+        return ratio_budget(self.keep_ratio, n)
+
+    def _prune(self, x: torch.Tensor, state):
+        T, H, W, D = x.shape
+        z = x.reshape(T, H * W, D)
+        mean, var = token_statistics(z)
+        require_finite(mean, x)
+        memory, state = self._memory(mean, state) if self.uses_memory else (None, None)
+        keep = keep_lowest(redundancy_scores(z, var, memory), self._budget(H * W))
+        return keep.view(T, H, W), state
+
+    def _memory(self, mean: torch.Tensor, state):
+        """Memory mean seen by each grid of the chunk ``[T, D]``, and the new stream state.
+
+        Each grid's memory mean is computed from exactly the same numbers in the same order
+        however the stream is cut into calls (a cumulative sum over the carried sum, or a
+        window over zero-padded history), so slicing the stream does not change the masks.
+        """
+        T, D = mean.shape
+        dtype = _stream_dtype(mean.device)
+        means = mean.to(dtype)
+        count = 0 if state is None else state[1]
+        counts = torch.arange(count + 1, count + T + 1, device=mean.device, dtype=dtype)
+        if self.window is None:
+            carried = torch.zeros((1, D), device=mean.device, dtype=dtype) if state is None else state[0]
+            sums = torch.cat([carried, means]).cumsum(dim=0)
+            memory = sums[1:] / counts.unsqueeze(1)
+            new_state = (sums[-1:].clone(), count + T)
+        else:
+            w = self.window
+            history = torch.zeros((w - 1, D), device=mean.device, dtype=dtype) if state is None else state[0]
+            seq = torch.cat([history, means])  # [w - 1 + T, D]
+            memory = seq.unfold(0, w, 1).sum(dim=-1) / counts.clamp_max(w).unsqueeze(1)
+            new_state = (seq[T:].clone(), count + T)
+        return memory.to(torch.float32), new_state

@@ -1,0 +1,360 @@
+"""StreamingSession: frames in, answers out, with pruned visual tokens at their original positions.
+
+One session is one stream. Per :meth:`StreamingSession.add_frames` call:
+
+1. frames are validated and grouped into items (``adapter.frames_per_item`` frames: a
+   temporal patch for Qwen); an incomplete item waits for the next call (it is not
+   visible to questions until its partner frame arrives);
+2. the adapter preprocesses and encodes the complete items (through the cacher when one
+   is given) to grids ``[T, H', W', D]``;
+3. the pruner, called once per chunk on all new grids, returns a keep mask ``[T, H', W']``;
+4. the adapter lays the chunk out (wrapper text + visual tokens) with the positions of the
+   UNPRUNED stream; the kept tokens (and all text) are prefilled into the KV cache with
+   those positions, per-token extras (Qwen3-VL DeepStack) pruned with the same mask;
+5. the memory policy records one block per item and may evict old ones.
+
+:meth:`StreamingSession.ask` runs the question at ``max(all positions) + 1`` and a greedy
+loop with explicit positions, then removes the question and answer from the cache, so the
+stream continues exactly as if never asked. Everything a stream remembers lives in the
+session (and its pruner / cacher state / memory store), so sessions sharing one model
+never interact. Bad input raises before any state changes; a forward that fails midway
+is undone (cache length restored).
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .memory import Block, QuestionInput, resolve_memory
+from .models.base import VISUAL, PositionState, TokenLayout, text_positions
+
+__all__ = ["StreamingSession", "Answer"]
+
+_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+@dataclass
+class Answer:
+    """An answer. ``choice``: the option letter with the highest next-token logit after the
+    prompt (multiple choice only; independent of the sampled text); ``option_logits``:
+    letter -> logit; ``token_ids``: generated ids; times in seconds."""
+
+    text: str
+    choice: str | None = None
+    option_logits: dict[str, float] = field(default_factory=dict)
+    token_ids: list[int] = field(default_factory=list)
+    time_to_first_token: float = 0.0
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def _frames_tensor(frames) -> torch.Tensor:
+    if isinstance(frames, np.ndarray):
+        frames = torch.from_numpy(np.ascontiguousarray(frames))
+    elif isinstance(frames, (list, tuple)):
+        if not frames:
+            raise ValueError("frames must not be empty")
+        frames = torch.stack([torch.as_tensor(np.asarray(f)) if not isinstance(f, torch.Tensor) else f
+                              for f in frames])
+    if not isinstance(frames, torch.Tensor):
+        raise TypeError(f"frames must be a uint8 numpy array or torch tensor [F, H, W, 3], got {type(frames).__name__}")
+    if frames.dtype != torch.uint8:
+        raise TypeError(f"frames must have dtype uint8, got {frames.dtype}")
+    if frames.ndim == 3:
+        frames = frames[None]
+    if frames.ndim != 4:
+        raise ValueError(f"frames must have shape [F, H, W, 3] (or [H, W, 3]), got {tuple(frames.shape)}")
+    if frames.shape[-1] != 3:
+        raise ValueError(f"frames must have 3 channels (RGB) in the last dimension, got shape {tuple(frames.shape)}")
+    if min(frames.shape[:3]) < 1:
+        raise ValueError(f"frames must be non-empty, got shape {tuple(frames.shape)}")
+    return frames
+
+
+class StreamingSession:
+    """A video stream watched by a model (see the module docstring).
+
+    ``model``: an adapter from :func:`streampress.load_model` (or a name to load);
+    ``pruner``: any callable ``grids [T, H, W, D] -> keep [T, H, W]`` with ``reset()``, or
+    None to keep everything; ``cacher``: an STC cacher (``new_state()``), or None;
+    ``memory``: ``"full"``, :class:`streampress.SlidingWindow` or another policy.
+    """
+
+    def __init__(self, model, pruner=None, cacher=None, memory="full"):
+        if isinstance(model, str):
+            from .models import load_model
+
+            model = load_model(model)
+        for attr in ("preprocess", "encode", "layout_items", "forward", "frames_per_item"):
+            if not hasattr(model, attr):
+                raise TypeError(f"model must be a model adapter (streampress.load_model), got {type(model).__name__}")
+        if pruner is not None and not callable(pruner):
+            raise TypeError(f"pruner must be callable (streampress.create_pruner), got {type(pruner).__name__}")
+        self.model = model
+        self.pruner = pruner
+        self.cacher = cacher
+        self._cacher_state = cacher.new_state() if cacher is not None else None
+        self._policy = resolve_memory(memory)
+        self.reset()
+
+    # ---- lifecycle ----------------------------------------------------------------------
+    def reset(self) -> None:
+        """Start a new stream: empty cache, positions, pruner and cacher state, statistics."""
+        if self.pruner is not None and hasattr(self.pruner, "reset"):
+            self.pruner.reset()
+        if self._cacher_state is not None and hasattr(self._cacher_state, "reset"):
+            self._cacher_state.reset()
+        self._memory = self._policy.open(self.model)
+        self._pending = None  # frames of an incomplete item, with their times
+        self._pending_times = torch.zeros(0, dtype=torch.float64)
+        self._last_time: float | None = None
+        self._frame_hw: tuple[int, int] | None = None
+        self._grid_hw: tuple[int, int] | None = None
+        self._counts = dict(frames=0, items=0, visual_tokens_seen=0, visual_tokens_kept=0, questions=0,
+                            encode_seconds=0.0, prune_seconds=0.0, prefill_seconds=0.0, answer_seconds=0.0)
+        layout, state = self.model.begin_stream(PositionState())
+        self._prefill(layout, None, None, None)
+        self._state = state
+
+    # ---- frames -----------------------------------------------------------------------
+    def add_frames(self, frames, timestamps) -> None:
+        """Add frames ``[F, H, W, 3]`` uint8 (numpy or torch; one frame ``[H, W, 3]`` also
+        works) taken at ``timestamps`` (F seconds, non-decreasing, not before earlier frames)."""
+        frames = _frames_tensor(frames)
+        times = self._check_times(timestamps, frames.shape[0])
+        hw = (int(frames.shape[1]), int(frames.shape[2]))
+        if self._frame_hw is not None and hw != self._frame_hw:
+            raise ValueError(f"frames must keep the stream's size {self._frame_hw[0]}x{self._frame_hw[1]}, "
+                             f"got {hw[0]}x{hw[1]} (call reset() to start a stream of another size)")
+        if self._pending is not None:
+            frames = torch.cat([self._pending, frames.to(self._pending.device)])
+        times = torch.cat([self._pending_times, times])
+        fpi = self.model.frames_per_item
+        n = frames.shape[0] // fpi
+        if n:
+            self._add_items(frames[:n * fpi], times[:n * fpi].view(n, fpi))
+        rest = frames.shape[0] - n * fpi
+        self._pending = frames[n * fpi:].clone() if rest else None
+        self._pending_times = times[n * fpi:].clone()
+        self._frame_hw = hw
+        self._last_time = float(times[-1])
+        self._counts["frames"] = self._counts["items"] * fpi + rest
+        self._memory.after_add(self._last_time - (self._state.start_time or 0.0))
+
+    def _check_times(self, timestamps, count: int) -> torch.Tensor:
+        if timestamps is None:
+            raise ValueError("timestamps are required: one time in seconds per frame")
+        try:
+            times = torch.as_tensor(np.asarray(timestamps, dtype=np.float64)).reshape(-1)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"timestamps must be a sequence of numbers (seconds), got {timestamps!r}") from exc
+        if np.ndim(timestamps) > 1 or times.numel() != count:
+            raise ValueError(f"timestamps must hold one time per frame: {count} frame(s), "
+                             f"got {times.numel()} timestamp(s)")
+        if not torch.isfinite(times).all():
+            raise ValueError("timestamps must be finite numbers")
+        if count > 1 and bool((times[1:] < times[:-1]).any()):
+            raise ValueError("timestamps must not go backwards (non-decreasing seconds)")
+        if self._last_time is not None and float(times[0]) < self._last_time:
+            raise ValueError(f"timestamps must not go backwards: got {float(times[0]):.3f} s after a frame at "
+                             f"{self._last_time:.3f} s")
+        return times
+
+    def _add_items(self, frames: torch.Tensor, times: torch.Tensor) -> None:
+        model = self.model
+        start_time = self._state.start_time if self._state.start_time is not None else float(times[0, 0])
+        t0 = self._clock()
+        batch = model.preprocess(frames)
+        encoded = model.encode(batch, cacher_state=self._cacher_state, cacher=self.cacher)
+        grids = encoded.grids
+        t1 = self._clock()
+        n, hh, ww, dim = grids.shape
+        if self.pruner is not None:
+            keep = self.pruner(grids)
+            if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or tuple(keep.shape) != (n, hh, ww):
+                raise ValueError(f"pruner must return a bool tensor of shape {(n, hh, ww)}, got "
+                                 f"{getattr(keep, 'dtype', type(keep))} {tuple(getattr(keep, 'shape', ()))}")
+        else:
+            keep = torch.ones(n, hh, ww, dtype=torch.bool)
+        t2 = self._clock()
+        state = self._state.advanced(start_time=start_time)
+        layout, new_state = model.layout_items(state, times - start_time, (hh, ww))
+        is_visual = layout.kinds == VISUAL
+        kept = ~is_visual | keep.reshape(-1).cpu()[layout.visual_index.clamp(min=0)]
+        vis_index = layout.visual_index[kept & is_visual]
+        extras = {k: v.reshape(n * hh * ww, *v.shape[3:])[vis_index.to(v.device)] for k, v in encoded.extras.items()}
+        self._prefill(layout, kept, grids.reshape(-1, dim), extras)
+        self._prefill_seconds_last = self._clock() - t2
+        # Commit: one block per item, in the order the chunk was laid out.
+        items = layout.item[kept]
+        first_item = state.num_items
+        lengths = torch.bincount(items - first_item, minlength=n).tolist()
+        offset = self._memory.length() - int(kept.sum())
+        blocks = []
+        for k, length in enumerate(lengths):
+            blocks.append(Block(first_item + k, float(times[k, 0] - start_time), float(times[k, -1] - start_time),
+                                offset, length))
+            offset += length
+        self._memory.add_blocks(blocks)
+        self._state = new_state
+        c = self._counts
+        c["items"] += n
+        c["visual_tokens_seen"] += n * hh * ww
+        c["visual_tokens_kept"] += int(keep.sum())
+        c["encode_seconds"] += t1 - t0
+        c["prune_seconds"] += t2 - t1
+        c["prefill_seconds"] += self._prefill_seconds_last
+        self._grid_hw = (hh, ww)
+
+    def _prefill(self, layout: TokenLayout, kept: torch.Tensor | None, visual_rows: torch.Tensor | None,
+                 extras: dict | None) -> None:
+        """Embed the kept tokens of ``layout`` and run them into the cache (undone on failure)."""
+        model = self.model
+        if kept is None:
+            kept = torch.ones(len(layout), dtype=torch.bool)
+        if not bool(kept.any()):  # everything pruned: nothing enters the cache
+            return
+        is_visual = (layout.kinds == VISUAL)[kept]
+        ids = layout.input_ids[kept]
+        device = model.device
+        embeds = torch.empty(int(kept.sum()), model.hidden_size, dtype=model.dtype, device=device)
+        text = ~is_visual
+        if bool(text.any()):
+            embeds[text.to(device)] = model.embed_text(ids[text]).to(embeds.dtype)
+        if bool(is_visual.any()):
+            rows = layout.visual_index[kept][is_visual]
+            embeds[is_visual.to(device)] = visual_rows[rows.to(visual_rows.device)].to(device, embeds.dtype)
+        length = self._memory.length()
+        try:
+            model.forward(embeds, layout.positions[:, kept], self._memory.cache, visual_mask=is_visual,
+                          extras=extras, logits="none")
+        except BaseException:
+            self._memory.truncate(length)
+            raise
+
+    # ---- questions --------------------------------------------------------------------
+    def ask(self, question: str, max_new_tokens: int = 32, options: Sequence[str] | None = None) -> Answer:
+        """Answer ``question`` from everything seen so far, then forget the question.
+
+        With ``options`` (2-26 strings) the prompt lists them as ``A. ...``, ``B. ...``
+        (unless they already start with their letter) and asks for the letter;
+        ``Answer.choice`` is the letter whose token has the highest logit.
+        ``max_new_tokens`` may be 0 with options (choice only).
+        """
+        if not isinstance(question, str):
+            raise TypeError(f"question must be a str, got {type(question).__name__}")
+        if not question.strip():
+            raise ValueError("question must not be empty")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        letters: list[str] = []
+        if options is not None:
+            question, letters = _with_options(question, options)
+        elif max_new_tokens == 0:
+            raise ValueError("max_new_tokens must be at least 1 without options")
+        model = self.model
+        ids = self._question_ids(question, max_new_tokens)
+        letter_ids = [model.tokenize(letter)[0] for letter in letters]
+        t0 = time.perf_counter()
+        generated: list[int] = []
+        with self._answer_context(ids) as (cache, logits, pos):
+            ttft = time.perf_counter() - t0
+            scores = {l: float(logits[i]) for l, i in zip(letters, letter_ids)}
+            for step in range(max_new_tokens):
+                token = int(logits.argmax())
+                if token in model.stop_token_ids:
+                    break
+                generated.append(token)
+                if step + 1 == max_new_tokens:
+                    break
+                logits = model.forward(model.embed_text(torch.tensor([token])),
+                                       text_positions(pos, 1, model.position_axes), cache, logits="last")
+                pos += 1
+        seconds = time.perf_counter() - t0
+        self._counts["questions"] += 1
+        self._counts["answer_seconds"] += seconds
+        choice = max(scores, key=scores.get) if scores else None
+        return Answer(model.detokenize(generated), choice, scores, generated, ttft, seconds)
+
+    def question_logits(self, question: str) -> torch.Tensor:
+        """Float32 logits ``[V]`` of the first answer token to ``question`` (the prompt as
+        :meth:`ask` builds it without options); the question leaves no trace."""
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError("question must be a non-empty str")
+        with self._answer_context(self._question_ids(question, 1)) as (_, logits, _pos):
+            return logits
+
+    def _question_ids(self, question: str, max_new_tokens: int) -> list[int]:
+        ids = self.model.question_ids(question, has_video=self._state.num_items > 0)
+        start = self._state.max_position + 1
+        needed = start + len(ids) + max_new_tokens
+        if needed > self.model.max_context:
+            raise ValueError(f"question too long for the model's context: positions up to {needed} needed "
+                             f"({len(ids)} question tokens + {max_new_tokens} new tokens after position {start}), "
+                             f"the model supports {self.model.max_context}")
+        return ids
+
+    @contextmanager
+    def _answer_context(self, ids: list[int]):
+        """Run the question turn at ``max position + 1``; yields (cache, last logits, next
+        position); the memory store removes the question and answer on exit."""
+        model = self.model
+        start = self._state.max_position + 1
+        embeds = model.embed_text(torch.tensor(ids, dtype=torch.long))
+        positions = text_positions(start, len(ids), model.position_axes)
+        with self._memory.answering(QuestionInput(embeds, positions)) as cache:
+            logits = model.forward(embeds, positions, cache, logits="last")
+            yield cache, logits, start + len(ids)
+
+    # ---- reporting ----------------------------------------------------------------------
+    def stats(self) -> dict:
+        """Counters of this stream: frames, items, visual tokens seen/kept, KV cache length
+        and bytes, seconds spent in the encoder, pruner, prefill and answers."""
+        c = dict(self._counts)
+        c["pending_frames"] = 0 if self._pending is None else int(self._pending.shape[0])
+        c["kept_fraction"] = c["visual_tokens_kept"] / c["visual_tokens_seen"] if c["visual_tokens_seen"] else 1.0
+        c["grid"] = list(self._grid_hw) if self._grid_hw else None
+        c["stream_seconds"] = (self._last_time - self._state.start_time
+                               if self._last_time is not None and self._state.start_time is not None else 0.0)
+        c["next_text_position"] = self._state.max_position + 1
+        c.update(self._memory.stats())
+        c["pruner"] = getattr(self.pruner, "name", None if self.pruner is None else type(self.pruner).__name__)
+        c["memory"] = getattr(self._policy, "name", type(self._policy).__name__)
+        return c
+
+    @property
+    def position_state(self) -> PositionState:
+        """The stream's position bookkeeping (read-only)."""
+        return self._state
+
+    @property
+    def memory(self):
+        """The per-stream memory store (cache and item blocks)."""
+        return self._memory
+
+    def _clock(self) -> float:
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize(self.model.device)
+        return time.perf_counter()
+
+
+def _with_options(question: str, options: Sequence[str]) -> tuple[str, list[str]]:
+    if isinstance(options, str) or not isinstance(options, (list, tuple)):
+        raise TypeError(f"options must be a list of strings, got {type(options).__name__}")
+    if not 2 <= len(options) <= len(_LETTERS):
+        raise ValueError(f"options must hold 2 to {len(_LETTERS)} choices, got {len(options)}")
+    if not all(isinstance(o, str) and o.strip() for o in options):
+        raise ValueError("options must be non-empty strings")
+    letters = list(_LETTERS[:len(options)])
+    lettered = all(o.strip()[:2] in (f"{l}.", f"{l})") for o, l in zip(options, letters))
+    lines = [o.strip() if lettered else f"{l}. {o.strip()}" for o, l in zip(options, letters)]
+    prompt = question.strip() + "\n" + "\n".join(lines) + "\nAnswer with the option's letter from the given choices directly."
+    return prompt, letters

@@ -1,0 +1,117 @@
+"""Bad grids raise a clear error and leave the pruner's stream state exactly as it was."""
+
+import pytest
+import torch
+
+import streampress
+
+CONFIGS = [
+    ("dtd", {"tau": 0.8}),
+    ("dtd", {"keep_ratio": 0.3}),
+    ("mssavt", {"tau": 0.5}),
+    ("streaming_assistant", {"tau_t": 0.8, "tau_s": 0.5}),
+    ("streaming_assistant", {"keep_ratio": 0.3}),
+    ("stc", {"tokens_per_grid": 4}),
+    ("stc", {"keep_ratio": 0.3, "window": 2}),
+    ("evs", {"keep_ratio": 0.3}),
+    ("vidcom2", {"tokens_per_grid": 4}),
+    ("divprune", {"keep_ratio": 0.3}),
+    ("random", {"keep_ratio": 0.3, "seed": 3}),
+    ("uniform", {"keep_ratio": 0.3}),
+]
+IDS = [f"{n}-{'-'.join(f'{k}={v}' for k, v in p.items())}" for n, p in CONFIGS]
+TEMPORAL = {"dtd", "evs", "streaming_assistant"}
+
+
+def stream(T, H=3, W=4, D=6, seed=0):
+    """Grids that share a direction (spatial similarity, varying with each token's scale) and
+    change over time at a per-token rate (temporal similarity from ~0.3 to ~1)."""
+    g = torch.Generator().manual_seed(seed)
+    common = torch.randn(D, generator=g)
+    scale = 0.5 + 2.5 * torch.rand(H, W, 1, generator=g)
+    rho = torch.rand(H, W, 1, generator=g)
+    u = torch.randn(H, W, D, generator=g)
+    out = []
+    for _ in range(T):
+        u = rho * u + (1 - rho**2).sqrt() * torch.randn(H, W, D, generator=g)
+        out.append(common + scale * u)
+    return torch.stack(out)
+
+
+def bad_inputs(name):
+    good = stream(2, seed=9)
+    nan = good.clone()
+    nan[1, 2, 1, 3] = float("nan")
+    inf = good.clone()
+    inf[0, 0, 0, 0] = float("inf")
+    neg_inf = good.clone()
+    neg_inf[1, 1, 3, 5] = float("-inf")
+    cases = [
+        (good[0], ValueError, r"rank 4, shape \[T, H, W, D\]; got rank 3 .*grids\[None\]"),
+        (good[None], ValueError, "got rank 5"),
+        (good.tolist(), TypeError, "grids must be a torch.Tensor"),
+        (good.to(torch.int64), TypeError, "floating dtype"),
+        (good.to(torch.bool), TypeError, "floating dtype"),
+        (stream(2, D=7), ValueError, "grids have D=7 but this stream started with D=6"),
+        (torch.zeros(1, 0, 4, 6), ValueError, "H, W and D >= 1"),
+        (nan, ValueError, "grids must be finite: grid 1 of this call contains NaN or inf"),
+        (inf, ValueError, "grids must be finite: grid 0 of this call"),
+        (neg_inf, ValueError, "grids must be finite: grid 1 of this call"),
+    ]
+    if name in TEMPORAL:
+        cases.append((stream(1, H=4, W=3), ValueError, "grids are 4x3 but this stream started with 3x4"))
+    return cases
+
+
+@pytest.mark.parametrize("name, params", CONFIGS, ids=IDS)
+def test_bad_grids_raise_and_leave_state_unchanged(name, params):
+    before, after = stream(3, seed=1), stream(3, seed=2)
+    expected = streampress.create_pruner(name, **params)
+    expected(before)
+    want = expected(after)
+
+    pruner = streampress.create_pruner(name, **params)
+    pruner(before)
+    for bad, exc, message in bad_inputs(name):
+        with pytest.raises(exc, match=message):
+            pruner(bad)
+        assert pruner.grids_seen == 3
+    assert torch.equal(pruner(after), want)
+
+
+@pytest.mark.parametrize("name, params", CONFIGS, ids=IDS)
+def test_bad_first_call_does_not_start_the_stream(name, params):
+    pruner = streampress.create_pruner(name, **params)
+    bad = stream(2, D=7)
+    bad[1, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="finite"):
+        pruner(bad)
+    # The failed call fixed neither D nor any state: a D=6 stream starts normally.
+    fresh = streampress.create_pruner(name, **params)
+    x = stream(3)
+    assert torch.equal(pruner(x), fresh(x))
+
+
+@pytest.mark.parametrize("name, params", CONFIGS, ids=IDS)
+def test_empty_chunk(name, params):
+    pruner = streampress.create_pruner(name, **params)
+    x = stream(3)
+    first = pruner(x[:1])
+    empty = pruner(x[:0])
+    assert empty.shape == (0, 3, 4) and empty.dtype == torch.bool
+    assert pruner.grids_seen == 1
+    rest = pruner(x[1:])
+    assert torch.equal(torch.cat([first, rest]), streampress.create_pruner(name, **params)(x))
+
+
+def test_huge_finite_values_are_reported_as_such():
+    x = torch.full((1, 2, 2, 4), 1e30)  # finite, but the squared norm overflows float32
+    with pytest.raises(ValueError, match="too large to score in float32"):
+        streampress.create_pruner("mssavt")(x)
+
+
+def test_d_change_after_reset_is_fine():
+    pruner = streampress.create_pruner("streaming_assistant")
+    pruner(stream(2))
+    pruner.reset()
+    assert pruner(stream(2, H=2, W=5, D=7)).shape == (2, 2, 5)
