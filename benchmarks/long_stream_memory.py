@@ -1,21 +1,27 @@
 """Device memory over a long stream: full cache vs sliding window vs retrieval memory.
 
 Streams a long video (a looped synthetic clip by default, or a looped real video) at 1 fps
-through a reduced-size model with random weights -- by default the Qwen2.5-VL-7B
-architecture (real layer shapes: hidden 3584, 28 query / 4 KV heads, head dim 128, MLP
-18944) cut to 2 LLM layers and 1 vision block, 112x112 frames (4x4 = 16 visual tokens per
-temporal patch of 2 frames) -- once per memory policy, and records every ``--every``
-video-seconds:
+through a reduced-size model with random weights and records, every ``--every``
+video-seconds, for each memory policy:
 
 - device bytes: on CUDA ``torch.cuda.memory_allocated()`` minus what the model held before
   the stream; on CPU the bytes of the live KV cache (what would sit on an accelerator);
 - CPU bytes held by the retrieval memory's offloaded blocks and summary keys.
 
+Default model: the Qwen2.5-VL-7B architecture with its KV geometry per layer (4 KV heads x
+head dim 128, so KV bytes per token and layer are the 7B's) in 2 LLM layers, its vision
+block shapes in 1 vision block, and the LLM's hidden size reduced to ``--hidden`` (512: 4
+query heads, MLP 2x hidden) so that a 30-minute stream fits a CPU; ``--hidden 0`` keeps
+the real 3584-wide layers. 112x112 frames: 4x4 = 16 visual tokens per temporal patch of 2
+frames. On CPU the policies run in lockstep, chunk by chunk, and share the vision tower's
+output (it is the same for all); on CUDA they run one after another so that
+``memory_allocated`` belongs to one stream.
+
 At the end each policy answers one question (retrieval: top-k blocks per layer). Output:
 a Markdown table of sampled rows, a summary (growth per video-minute, whether the device
 bytes are flat once the window is full), ``--json PATH`` and ``--plot PATH`` (matplotlib).
 
-    python benchmarks/long_stream_memory.py --minutes 2 --every 30      # short check
+    python benchmarks/long_stream_memory.py --minutes 3 --every 30          # short check
     python benchmarks/long_stream_memory.py --json out.json --plot out.png  # 30 minutes
 """
 
@@ -68,61 +74,157 @@ def policies(args) -> dict:
     return {name: table[name] for name in args.policies}
 
 
-def device_bytes(model, stats: dict, baseline: int) -> int:
-    if model.device.type == "cuda":
-        torch.cuda.synchronize(model.device)
-        return torch.cuda.memory_allocated(model.device) - baseline
-    return int(stats["kv_cache_bytes"])
+def build_model(args):
+    """``--model`` through ``load_model``; random Qwen architectures with ``--hidden`` > 0 get
+    their LLM width reduced (head dim and KV heads kept, so KV bytes per token are real)."""
+    if not (args.model.startswith("random:qwen") and args.hidden):
+        kw = dict(num_layers=args.num_layers, vision_depth=args.vision_depth) if args.model.startswith("random:") else {}
+        if args.model.startswith("random:qwen"):
+            kw["min_pixels"] = args.size * args.size  # keep small frames small
+        return load_model(args.model, dtype=args.dtype, device=args.device, **kw)
+    from dataclasses import replace
+
+    from streampress.models.qwen import QwenAdapter
+    from streampress.models.qwen_preprocess import QwenVisionParams
+    from streampress.models.random_configs import build_config, build_random_model
+    from streampress.models.tokenizer import ByteTokenizer
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    tokenizer = ByteTokenizer()
+    config = build_config(args.model[len("random:"):], num_layers=args.num_layers, vision_depth=args.vision_depth,
+                          vocab_size=1024, tokenizer=tokenizer)
+    text = config.text_config
+    head_dim = text.hidden_size // text.num_attention_heads
+    if args.hidden % head_dim or args.hidden // head_dim < text.num_key_value_heads:
+        raise SystemExit(f"--hidden must be a multiple of the head dim {head_dim} with at least "
+                         f"{text.num_key_value_heads} heads, got {args.hidden}")
+    text.hidden_size, text.intermediate_size = args.hidden, 2 * args.hidden
+    text.num_attention_heads = args.hidden // head_dim
+    config.vision_config.out_hidden_size = args.hidden
+    model = build_random_model(config, dtype, device)
+    vc = config.vision_config
+    params = replace(QwenVisionParams.defaults(config.model_type), patch_size=vc.patch_size,
+                     merge_size=vc.spatial_merge_size, temporal_patch_size=vc.temporal_patch_size,
+                     min_pixels=args.size * args.size)
+    return QwenAdapter(model, tokenizer, params, name=f"{args.model} (hidden {args.hidden})")
 
 
-def run_policy(model, memory, clip: np.ndarray, args) -> dict:
+class SharedEncoder:
+    """The adapter, except that ``encode`` is served from a cache keyed by ``key`` (set by the
+    driver per chunk), so the vision tower runs once per chunk for all policies."""
+
+    def __init__(self, adapter):
+        self._adapter = adapter
+        self.key, self._cached = None, (None, None)
+        self.encode_seconds = 0.0
+
+    def __getattr__(self, name):
+        return getattr(self._adapter, name)
+
+    def encode(self, batch, cacher_state=None, cacher=None):
+        if self._cached[0] != self.key or self.key is None:
+            t0 = time.perf_counter()
+            self._cached = (self.key, self._adapter.encode(batch, cacher_state=cacher_state, cacher=cacher))
+            self.encode_seconds += time.perf_counter() - t0
+        return self._cached[1]
+
+
+class PolicyRun:
+    """One policy's stream: ``step(frames, times)`` per chunk, then ``finish(question)``."""
+
+    def __init__(self, model, memory, fps: float):
+        self.model, self.fps, self.frames = model, fps, 0
+        cuda = model.device.type == "cuda"
+        if cuda:
+            torch.cuda.empty_cache()
+        self.baseline = torch.cuda.memory_allocated(model.device) if cuda else 0
+        self.session = StreamingSession(model, memory=memory)
+        self.rows, self.seconds = [], 0.0
+
+    def device_bytes(self, stats: dict) -> int:
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize(self.model.device)
+            return torch.cuda.memory_allocated(self.model.device) - self.baseline
+        return int(stats["kv_cache_bytes"])
+
+    def step(self, frames: np.ndarray, times: np.ndarray) -> dict:
+        shared = getattr(self.model, "encode_seconds", 0.0)
+        t0 = time.perf_counter()
+        self.session.add_frames(frames, times)
+        self.seconds += time.perf_counter() - t0 - (getattr(self.model, "encode_seconds", 0.0) - shared)
+        s = self.session.stats()
+        self.frames += len(frames)
+        self.rows.append({"video_seconds": self.frames / self.fps,
+                          "device_bytes": self.device_bytes(s),
+                          "kv_cache_bytes": s["kv_cache_bytes"], "kv_cache_tokens": s["kv_cache_tokens"],
+                          "cpu_offloaded_bytes": s.get("offloaded_bytes", 0) + s.get("summary_bytes", 0),
+                          "wall_seconds": self.seconds})
+        return self.rows[-1]
+
+    def finish(self, question: str, max_new_tokens: int) -> dict:
+        cuda = self.model.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.model.device)
+        t0 = time.perf_counter()
+        answer = self.session.ask(question, max_new_tokens=max_new_tokens)
+        s = self.session.stats()
+        result = {"rows": self.rows, "stream_seconds": self.seconds, "answer_seconds": time.perf_counter() - t0,
+                  "answer_tokens": answer.token_ids, "items": s["items"], "visual_tokens": s["visual_tokens_kept"],
+                  "retrieved_blocks_per_layer": s.get("retrieved_blocks_last"),
+                  "retrieved_tokens_per_layer": s.get("retrieved_tokens_last"),
+                  "offloaded_blocks": s.get("offloaded_blocks", 0)}
+        if cuda:
+            result["answer_peak_device_bytes"] = torch.cuda.max_memory_allocated(self.model.device) - self.baseline
+        self.session = None
+        return result
+
+
+def run_all(model, memories: dict, clip: np.ndarray, args) -> tuple[dict, float | None]:
+    """CPU: all policies in lockstep with a shared encoder (returns its seconds, which the
+    policies' add_frames times exclude); CUDA: one policy after another (None)."""
     total = int(round(args.minutes * 60 * args.fps))
     chunk = max(model.frames_per_item, int(round(args.every * args.fps)))
     chunk -= chunk % model.frames_per_item
-    if model.device.type == "cuda":
-        torch.cuda.empty_cache()
-        baseline = torch.cuda.memory_allocated(model.device)
-    else:
-        baseline = 0
-    session = StreamingSession(model, memory=memory)
-    rows, t0, done = [], time.perf_counter(), 0
-    while done < total:
-        n = min(chunk, total - done)
-        idx = np.arange(done, done + n)
-        session.add_frames(clip[idx % len(clip)], idx / args.fps)
-        done += n
-        s = session.stats()
-        rows.append({"video_seconds": done / args.fps, "device_bytes": device_bytes(model, s, baseline),
-                     "kv_cache_bytes": s["kv_cache_bytes"], "kv_cache_tokens": s["kv_cache_tokens"],
-                     "cpu_offloaded_bytes": s.get("offloaded_bytes", 0) + s.get("summary_bytes", 0),
-                     "wall_seconds": time.perf_counter() - t0})
+    starts = list(range(0, total, chunk))
+
+    def frames_at(start):
+        idx = np.arange(start, min(start + chunk, total))
+        return clip[idx % len(clip)], idx / args.fps
+
+    def report(name, row):
         if args.progress:
-            print(f"  {done / args.fps / 60:6.1f} min  device {rows[-1]['device_bytes'] / MIB:9.1f} MiB  "
-                  f"cpu {rows[-1]['cpu_offloaded_bytes'] / MIB:9.1f} MiB", file=sys.stderr, flush=True)
-    stream_seconds = time.perf_counter() - t0
+            print(f"  {name:9s} {row['video_seconds'] / 60:6.1f} min  device {row['device_bytes'] / MIB:9.1f} MiB  "
+                  f"cpu {row['cpu_offloaded_bytes'] / MIB:9.1f} MiB  {row['wall_seconds']:7.1f} s",
+                  file=sys.stderr, flush=True)
+
+    results = {}
     if model.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(model.device)
-    t1 = time.perf_counter()
-    answer = session.ask(args.question, max_new_tokens=args.max_new_tokens)
-    s = session.stats()
-    result = {"rows": rows, "stream_seconds": stream_seconds, "answer_seconds": time.perf_counter() - t1,
-              "answer_tokens": answer.token_ids, "items": s["items"], "visual_tokens": s["visual_tokens_kept"],
-              "retrieved_blocks_per_layer": s.get("retrieved_blocks_last"),
-              "retrieved_tokens_per_layer": s.get("retrieved_tokens_last"),
-              "offloaded_blocks": s.get("offloaded_blocks", 0)}
-    if model.device.type == "cuda":
-        result["answer_peak_device_bytes"] = torch.cuda.max_memory_allocated(model.device) - baseline
-    del session
-    return result
+        for name, memory in memories.items():
+            run = PolicyRun(model, memory, args.fps)
+            for start in starts:
+                report(name, run.step(*frames_at(start)))
+            results[name] = run.finish(args.question, args.max_new_tokens)
+        return results, None
+    shared = SharedEncoder(model)
+    runs = {name: PolicyRun(shared, memory, args.fps) for name, memory in memories.items()}
+    for start in starts:
+        shared.key = start
+        for name, run in runs.items():
+            report(name, run.step(*frames_at(start)))
+    return {name: run.finish(args.question, args.max_new_tokens) for name, run in runs.items()}, shared.encode_seconds
 
 
 def summarize(name: str, result: dict, window: float) -> dict:
     rows = result["rows"]
     t = np.array([r["video_seconds"] for r in rows])
     dev = np.array([r["device_bytes"] for r in rows], dtype=np.float64)
-    slope = float(np.polyfit(t / 60, dev, 1)[0]) if len(rows) > 1 else 0.0
-    after = dev[t > window + 60] if np.any(t > window + 60) else dev[-1:]
-    return {"policy": name, "final_device_mib": dev[-1] / MIB, "device_growth_mib_per_min": slope / MIB,
+    filled = t > window + 1e-9  # samples taken after the window filled
+    fit = filled if filled.sum() >= 2 else np.ones_like(filled)
+    slope = float(np.polyfit(t[fit] / 60, dev[fit], 1)[0]) if fit.sum() >= 2 else 0.0
+    after = dev[filled] if filled.any() else dev[-1:]
+    return {"policy": name, "final_device_mib": dev[-1] / MIB,
+            "device_growth_mib_per_min": round(slope / MIB, 4) + 0.0,  # + 0.0: no "-0.00"
             "flat_after_window": bool(after.max() - after.min() <= 0.01 * max(after.max(), 1)),
             "final_cpu_mib": rows[-1]["cpu_offloaded_bytes"] / MIB,
             "stream_seconds": result["stream_seconds"], "answer_seconds": result["answer_seconds"]}
@@ -142,8 +244,8 @@ def markdown(results: dict, summary: list, config: dict, max_rows: int) -> str:
         if "retrieval" in results:
             cells.append(f"{results['retrieval']['rows'][i]['cpu_offloaded_bytes'] / MIB:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "| policy | final device MiB | device growth MiB/min | flat after window | CPU MiB | "
-                  "stream s | answer s |", "|---|---:|---:|:---:|---:|---:|---:|"]
+    lines += ["", "| policy | final device MiB | device growth after window MiB/min | flat after window | "
+                  "CPU MiB | add_frames s | answer s |", "|---|---:|---:|:---:|---:|---:|---:|"]
     for s in summary:
         lines.append(f"| {s['policy']} | {s['final_device_mib']:.1f} | {s['device_growth_mib_per_min']:.2f} | "
                      f"{'yes' if s['flat_after_window'] else 'no'} | {s['final_cpu_mib']:.1f} | "
@@ -158,14 +260,16 @@ def plot(results: dict, path: str, config: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    style = {"full": dict(lw=2), "window": dict(lw=4, ls=":", alpha=0.8), "retrieval": dict(lw=1.8)}
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for name, res in results.items():
         t = [r["video_seconds"] / 60 for r in res["rows"]]
-        ax.plot(t, [r["device_bytes"] / MIB for r in res["rows"]], label=f"{name}: device", lw=2)
+        ax.plot(t, [r["device_bytes"] / MIB for r in res["rows"]], label=f"{name}: device", **style.get(name, {}))
         if name == "retrieval":
             ax.plot(t, [r["cpu_offloaded_bytes"] / MIB for r in res["rows"]], "--", label="retrieval: CPU (offloaded)")
     ax.set_xlabel("video time (minutes, 1 fps)")
-    ax.set_ylabel("MiB")
+    ax.set_ylabel("MiB (device: " + ("memory_allocated)" if config["device"].startswith("cuda")
+                                     else "live KV cache)"))
     ax.set_title(f"KV memory over a long stream ({config['model']}, {config['device']})")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -177,6 +281,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="random:qwen2.5-vl-7b")
     p.add_argument("--num-layers", type=int, default=2)
+    p.add_argument("--hidden", type=int, default=512, help="LLM width of a random Qwen model (0: real)")
     p.add_argument("--vision-depth", type=int, default=1)
     p.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--device", default=None)
@@ -199,23 +304,21 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     args.policies = [s.strip() for s in args.policies.split(",") if s.strip()]
     torch.set_num_threads(args.threads)
-    kw = {}
-    if args.model.startswith("random:"):
-        kw = dict(num_layers=args.num_layers, vision_depth=args.vision_depth)
-        if "qwen" in args.model:
-            kw["min_pixels"] = args.size * args.size  # keep small frames small
-    model = load_model(args.model, dtype=args.dtype, device=args.device, **kw)
+    t0 = time.perf_counter()
+    model = build_model(args)
     clip = loop_frames(args)
-    config = {"model": args.model, "llm_layers": args.num_layers, "vision_blocks": args.vision_depth,
+    text = model.hf_model.config.text_config
+    config = {"model": getattr(model, "name", args.model), "llm_layers": text.num_hidden_layers,
+              "llm_hidden": text.hidden_size, "kv_heads": text.num_key_value_heads,
+              "head_dim": text.hidden_size // text.num_attention_heads, "vision_blocks": args.vision_depth,
               "dtype": str(model.dtype).replace("torch.", ""), "device": str(model.device),
               "frame": f"{args.size}x{args.size}", "fps": args.fps, "minutes": args.minutes,
               "window_s": args.window, "top_k": args.top_k, "video": args.video or f"synthetic loop of {args.loop}",
               "host": platform.processor() or platform.machine(), "threads": args.threads}
-    results = {}
-    for name, memory in policies(args).items():
-        if args.progress:
-            print(f"{name}:", file=sys.stderr, flush=True)
-        results[name] = run_policy(model, memory, clip, args)
+    results, encoder_seconds = run_all(model, policies(args), clip, args)
+    if encoder_seconds is not None:
+        config["shared_encoder_seconds"] = round(encoder_seconds, 1)
+    config["total_seconds"] = round(time.perf_counter() - t0, 1)
     summary = [summarize(n, r, args.window) for n, r in results.items()]
     print(markdown(results, summary, config, args.rows))
     if args.json:

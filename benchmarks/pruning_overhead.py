@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without install
 
-import streampress  # noqa: E402
+import streampress
 
 SHAPES = [(16, 16, 3584), (14, 14, 3584)]
 # Every registered method at its defaults, plus the matched-budget mode of the threshold methods.

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-import streampress  # noqa: E402
+import streampress
 
 VIDEOS = ROOT.parent / "shared" / "data" / "videos"
 MEAN = (0.48145466, 0.4578275, 0.40821073)  # Qwen2.5-VL image processor
@@ -81,8 +81,12 @@ def patchify(frames: np.ndarray) -> tuple[list[torch.Tensor], int, int]:
 
 
 def build_encoder(depth: int, fullatt: list[int], device, dtype):
-    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import (
+        Qwen2_5_VLVisionConfig,
+    )
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+        Qwen2_5_VisionTransformerPretrainedModel,
+    )
 
     cfg = Qwen2_5_VLVisionConfig(depth=depth, hidden_size=1280, num_heads=16, intermediate_size=3420,
                                  patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=TEMPORAL,
@@ -117,10 +121,10 @@ def run_clip(model, cacher, items, gh, gw, device, timer) -> dict:
         px = px.to(device=device, dtype=model.dtype)
         refs_before = state.stats.references
 
-        def dense():
+        def dense(px=px):
             return model(px, grid_thw=grid).pooler_output
 
-        def cached():
+        def cached(px=px):
             return cacher.encode(model, px, grid, state).pooler_output
 
         with torch.no_grad():
@@ -210,13 +214,13 @@ def main(argv=None) -> int:
     total_d = sum(r["dense_s"] for r in results)
     total_c = sum(r["cached_s"] for r in results)
     lines = [
-        f"STC-Cacher, Qwen2.5-VL-7B vision encoder shapes, depth {depth} (full attention at {fullatt}), "
+        (f"STC-Cacher, Qwen2.5-VL-7B vision encoder shapes, depth {depth} (full attention at {fullatt}), "
         f"{args.size}x{args.size}, {args.fps:g} fps, {str(dtype).replace('torch.', '')}, {dev}, "
         f"torch {torch.__version__}; rho={args.rho}, N={args.interval}, refresh={args.refresh_threshold}; "
-        f"{'process CPU time' if args.cpu_time else 'wall clock'}, one temporal patch per call.",
+        f"{'process CPU time' if args.cpu_time else 'wall clock'}, one temporal patch per call."),
         "",
-        "| clip | items (refs) | dense ms/frame | cached ms/frame | ratio (clip) | ratio (steady) "
-        "| cos mean | cos dependents | cos min | recomputed |",
+        ("| clip | items (refs) | dense ms/frame | cached ms/frame | ratio (clip) | ratio (steady) "
+        "| cos mean | cos dependents | cos min | recomputed |"),
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -226,16 +230,17 @@ def main(argv=None) -> int:
             f"| {r['cos_mean']:.4f} | {_fmt(r['cos_dep_mean'], '.4f')} | {r['cos_min']:.4f} "
             f"| {r['recompute_fraction']:.3f} |")
     steady = [r["ratio_steady"] for r in results if r["ratio_steady"] is not None]
-    lines += ["", f"All clips: cached / dense encoder time = {total_c / total_d:.3f} (totals); "
-                  f"steady-state ratio, median over clips = {_fmt(statistics.median(steady) if steady else None)}.",
-              "Weights are random: the cosine figures come from random weights, whose key similarities "
-              "are not those of a trained encoder."]
+    lines += ["", (f"All clips: cached / dense encoder time = {total_c / total_d:.3f} (totals); "
+                  f"steady-state ratio, median over clips = {_fmt(statistics.median(steady) if steady else None)}."),
+              ("Weights are random: the cosine figures come from random weights, whose key similarities "
+              "are not those of a trained encoder.")]
     print("\n".join(lines))
     if args.json:
-        meta = dict(device=dev, torch=torch.__version__, depth=depth, fullatt=fullatt, size=args.size, fps=args.fps,
-                    dtype=str(dtype), rho=args.rho, interval=args.interval,
-                    refresh_threshold=args.refresh_threshold, timer="cpu" if args.cpu_time else "wall",
-                    weights="random", ratio_total=total_c / total_d)
+        meta = {"device": dev, "torch": torch.__version__, "depth": depth, "fullatt": fullatt,
+                "size": args.size, "fps": args.fps, "dtype": str(dtype), "rho": args.rho,
+                "interval": args.interval, "refresh_threshold": args.refresh_threshold,
+                "timer": "cpu" if args.cpu_time else "wall", "weights": "random",
+                "ratio_total": total_c / total_d}
         args.json.write_text(json.dumps({"meta": meta, "clips": results}, indent=2))
     return 0
 

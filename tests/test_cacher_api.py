@@ -12,10 +12,10 @@ import streampress
 from streampress.cacher import CacherState, StcCacher
 
 
-@pytest.mark.parametrize("kw", [dict(rho=0), dict(rho=1.5), dict(rho=-0.2), dict(rho="0.5"), dict(rho=True),
-                                dict(rho=float("nan")), dict(interval=0), dict(interval=2.0), dict(interval=True),
-                                dict(refresh_threshold=1.5), dict(refresh_threshold="x"),
-                                dict(refresh_threshold=float("nan"))])
+@pytest.mark.parametrize("kw", [{"rho": 0}, {"rho": 1.5}, {"rho": -0.2}, {"rho": "0.5"}, {"rho": True},
+                                {"rho": float("nan")}, {"interval": 0}, {"interval": 2.0}, {"interval": True},
+                                {"refresh_threshold": 1.5}, {"refresh_threshold": "x"},
+                                {"refresh_threshold": float("nan")}])
 def test_bad_parameters_rejected(kw):
     name = next(iter(kw))
     with pytest.raises(ValueError, match=name):
@@ -47,11 +47,11 @@ def _reinit(model):
 
 @pytest.fixture(scope="module")
 def qwen_model():
-    text = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
-                num_key_value_heads=2, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                                        "mrope_section": [4, 2, 2]})
-    vision = dict(depth=2, hidden_size=32, num_heads=4, intermediate_size=48, patch_size=14, spatial_merge_size=2,
-                  temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1], out_hidden_size=64)
+    text = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 1, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                        "mrope_section": [4, 2, 2]}}
+    vision = {"depth": 2, "hidden_size": 32, "num_heads": 4, "intermediate_size": 48, "patch_size": 14, "spatial_merge_size": 2,
+                  "temporal_patch_size": 2, "window_size": 56, "fullatt_block_indexes": [1], "out_hidden_size": 64}
     cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=120, video_token_id=121,
                            vision_start_token_id=122)
     return _reinit(Qwen2_5_VLModel(cfg))
@@ -98,9 +98,8 @@ def test_attach_routes_qwen_video_features_and_restores(qwen_model):
 
 def test_detach_on_error_and_explicit_detach(qwen_model):
     snap = _snapshot(qwen_model)
-    with pytest.raises(KeyError):
-        with streampress.create_cacher().attach(qwen_model):
-            raise KeyError("boom")
+    with pytest.raises(KeyError), streampress.create_cacher().attach(qwen_model):
+        raise KeyError("boom")
     _assert_restored(snap, qwen_model)
     handle = streampress.create_cacher().attach(qwen_model.visual, state=None)
     assert all("forward" in b.__dict__ for b in qwen_model.visual.blocks)
@@ -110,10 +109,10 @@ def test_detach_on_error_and_explicit_detach(qwen_model):
 
 
 def test_attach_to_llava_onevision_uses_its_feature_layer():
-    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                  num_attention_heads=4, image_size=28, patch_size=7, vision_use_head=False)
-    text = dict(model_type="qwen2", vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
-                num_attention_heads=4, num_key_value_heads=2)
+    vision = {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 3,
+                  "num_attention_heads": 4, "image_size": 28, "patch_size": 7, "vision_use_head": False}
+    text = {"model_type": "qwen2", "vocab_size": 128, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 1,
+                "num_attention_heads": 4, "num_key_value_heads": 2}
     cfg = LlavaOnevisionConfig(vision_config=vision, text_config=text, vision_feature_layer=-2,
                                vision_feature_select_strategy="full", image_token_index=120, video_token_index=121)
     model = _reinit(LlavaOnevisionModel(cfg))

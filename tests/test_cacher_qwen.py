@@ -10,13 +10,17 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
+from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import (
+    Qwen2_5_VLVisionConfig,
+)
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     Qwen2_5_VisionTransformerPretrainedModel,
     apply_rotary_pos_emb_vision,
 )
 from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
-from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+from transformers.models.qwen2_vl.modeling_qwen2_vl import (
+    Qwen2VisionTransformerPretrainedModel,
+)
 from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLVisionConfig
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
 
@@ -167,7 +171,7 @@ def _capture_block_inputs(model, items, h, w):
 
 def _oracle(model, items, h, w, rho, interval):
     """Per item, per block, everything dense, then mixed with the reference as the spec says."""
-    dense, seen = _capture_block_inputs(model, items, h, w)
+    _dense, seen = _capture_block_inputs(model, items, h, w)
     t = h * w
     x_all = seen[0][0].view(len(items), t, -1)
     count = max(1, int(rho * t))
@@ -189,7 +193,7 @@ def _oracle(model, items, h, w, rho, interval):
                                                .softmax(-1), v).reshape(t, -1))
                 hh = x + a
                 m = blk.mlp(blk.norm2(hh))
-                refs[b] = dict(k=k, v=v, a=a, m=m)
+                refs[b] = {"k": k, "v": v, "a": a, "m": m}
                 x = hh + m
                 continue
             r = refs[b]
@@ -274,7 +278,7 @@ def test_bad_call_leaves_state_unchanged():
     cacher = streampress.create_cacher()
     _, state = run_cached(cacher, model, items[:1], h, w)
     before = (state.items_since_reference, state.stats.as_dict(), [r.k.clone() for r in state._blocks])
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="pixel_values"):
         cacher.encode(model, torch.cat(items[1:]), torch.tensor([[3, h, w]]), state)  # 2 items of pixels, 3 in grid
     with pytest.raises(ValueError, match="grid_thw"):
         cacher.encode(model, torch.cat(items[1:]), torch.tensor([[1, h, w], [1, h, w + 2]]), state)

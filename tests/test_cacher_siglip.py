@@ -81,7 +81,7 @@ def _oracle(model, px, rho, interval):
                 a = at.out_proj(torch.einsum("hqk,khd->qhd", probs, v).reshape(t, -1))
                 h = x + a
                 m = layer.mlp(layer.layer_norm2(h))
-                refs[b] = dict(k=k, v=v, a=a, m=m)
+                refs[b] = {"k": k, "v": v, "a": a, "m": m}
                 x = h + m
                 continue
             r = refs[b]

@@ -326,3 +326,23 @@ def test_hooks_removed_and_cache_restored_when_forward_raises(monkeypatch):
         assert layer.keys is k and layer.values is v
     assert torch.equal(session.question_logits(Q), reference)
     assert [len(mod._forward_pre_hooks) for mod in modules] == hooks_before
+
+
+def test_host_arena_slabs_hold_blocks_without_overlap():
+    from streampress.memory_retrieval import _HostArena
+
+    arena = _HostArena(pinned=False, slabs=True)  # the pinned layout, without CUDA
+    arena.SLAB = 1024
+    shapes = [(3, 5), (7, 9), (100, 3), (2, 2), (300, 2)]  # float32: 60, 252, 1200, 16, 2400 bytes
+    blocks = [arena.empty(s, torch.float32) for s in shapes]
+    for i, b in enumerate(blocks):
+        b.copy_(torch.full(b.shape, float(i)))
+    assert all(bool((b == i).all()) and tuple(b.shape) == s for i, (b, s) in enumerate(zip(blocks, shapes)))
+    # 60 -> slab 0 (used 256 after alignment), 252 -> slab 0 (512), 1200 -> new 2048 slab,
+    # 16 -> same slab, 2400 -> new 4096 slab: slabs are powers of two, at least SLAB
+    assert [s.numel() for s in arena.slabs] == [1024, 2048, 4096]
+    assert arena.reserved == 1024 + 2048 + 4096
+    assert blocks[1].data_ptr() - blocks[0].data_ptr() == 256 and blocks[3].data_ptr() - blocks[2].data_ptr() == 1280
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="pin_memory=True needs CUDA"):
+            RetrievalMemory(window_seconds=1, top_k=1, pin_memory=True).open(model(QWEN25))

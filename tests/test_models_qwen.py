@@ -47,6 +47,9 @@ def test_real_size_configs_have_the_checkpoint_shapes(arch, hidden, heads, kv, m
     cut = build_config(arch, num_layers=3, vision_depth=9)
     assert cut.text_config.num_hidden_layers == 3 and list(cut.vision_config.fullatt_block_indexes) == [7]
     assert list(build_config(arch, vision_depth=2).vision_config.fullatt_block_indexes) == [1]
+    m = load_model(f"random:{arch}", device="meta", num_layers=1, vision_depth=1)
+    tied = m.hf_model.lm_head.weight is m.hf_model.model.language_model.embed_tokens.weight
+    assert tied == (arch == "qwen2.5-vl-3b")  # the 3B checkpoint ties its embeddings
 
 
 def test_cut_7b_builds_with_real_layer_shapes():

@@ -21,7 +21,7 @@ def K(d2):
 
 def literal_stc(grids, k, window=None, memory=True, buggy_subset_memory=False):
     """ALGORITHMS.md section 4 written out literally, one grid at a time, in float64."""
-    T, H, W, D = grids.shape
+    _, H, W, D = grids.shape
     entries, masks = [], []
     for g in grids.double():
         Z = g.reshape(H * W, D)
@@ -137,7 +137,7 @@ def test_vidcom2_matches_literal_reference_and_is_stateless():
 
 # ------------------------------------------------------------------ DivPrune
 def literal_divprune(grids, k):
-    T, H, W, D = grids.shape
+    _, H, W, D = grids.shape
     masks = []
     for g in grids.double():
         Z = g.reshape(H * W, D)

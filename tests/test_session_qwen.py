@@ -300,3 +300,28 @@ def test_constructor_validation_and_model_by_name():
         SlidingWindow(seconds=0)
     s = StreamingSession("random:qwen2.5-vl-tiny")
     assert s.stats()["kv_cache_tokens"] > 0 and s.stats()["items"] == 0
+
+
+# ---- the real pruners and cacher through the session (when present) ---------------------------
+def test_registered_pruner_runs_in_the_session():
+    registry = pytest.importorskip("streampress.pruners.registry")
+    m = tiny("random:qwen2.5-vl-tiny", "float32")
+    frames = frames_for(m, 6, cells=4)
+    session = StreamingSession(m, pruner=registry.create_pruner("streaming_assistant", keep_ratio=0.25))
+    session.add_frames(frames, TIMES[:6])
+    stats = session.stats()
+    assert stats["visual_tokens_seen"] == 3 * 16 and stats["visual_tokens_kept"] < 3 * 16
+    assert session.ask(Q, max_new_tokens=2).token_ids
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cacher_recomputing_everything_equals_no_cacher(arch):
+    cacher_mod = pytest.importorskip("streampress.cacher")
+    m = tiny(arch)
+    frames = frames_for(m, 6)
+    plain = StreamingSession(m)
+    plain.add_frames(frames, TIMES[:6])
+    cached = StreamingSession(m, cacher=cacher_mod.create_cacher(rho=1.0, interval=2))
+    cached.add_frames(frames[:3], TIMES[:3])
+    cached.add_frames(frames[3:], TIMES[3:6])
+    torch.testing.assert_close(cached.question_logits(Q), plain.question_logits(Q), rtol=0, atol=1e-8)

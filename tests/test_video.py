@@ -134,6 +134,16 @@ def test_max_frames_size_and_repeatable_iteration(clip):
     assert next(iter(longer_side)).image.shape == (24, 32, 3)
 
 
+def test_close_stops_a_running_iteration(clip):
+    source = open_video(clip)
+    frames = iter(source)
+    assert next(frames).index == 0
+    source.close()
+    with pytest.raises(StopIteration):
+        next(frames)
+    assert next(iter(source)).index == 0  # a file can still be read again from the start
+
+
 def test_chunks(clip):
     chunks = list(open_video(clip, fps=4).chunks(3))
     assert [c[0].shape[0] for c in chunks] == [3, 3, 2]

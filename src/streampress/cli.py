@@ -22,6 +22,7 @@ import json
 import math
 import re
 import sys
+import time
 from typing import Any, NamedTuple
 
 PROG = "streampress"
@@ -127,9 +128,12 @@ class _AskAction(argparse.Action):
 
 # ---------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
+    # Accepted before or after the sub-command; SUPPRESS keeps a sub-parser's default from
+    # overwriting a flag given before it.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
-    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks instead of one-line errors")
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
 
     parser = argparse.ArgumentParser(prog=PROG, parents=[common],
                                      description="Fast streaming video LLMs: token pruning, vision-encoder "
@@ -286,8 +290,6 @@ def progress_bar(quiet: bool):
 
 
 def cmd_run(args) -> int:
-    import time
-
     import numpy as np
 
     from streampress.video import open_video
@@ -297,10 +299,10 @@ def cmd_run(args) -> int:
     # The video first: a missing or broken file fails at once, before torch is even imported.
     source = open_video(args.video, fps=args.fps, max_frames=args.max_frames, size=args.size)
     memory = parse_memory(args.memory)
+    pruner = make_pruner(args.method, args.keep_ratio, dict(args.param))  # bad names fail before loading
     from streampress import StreamingSession, create_cacher
 
     model = load_model(args, args.model)
-    pruner = make_pruner(args.method, args.keep_ratio, dict(args.param))
     cacher = (create_cacher(rho=args.rho, interval=args.interval, refresh_threshold=args.refresh_threshold)
               if args.cacher else None)
     session = StreamingSession(model, pruner=pruner, cacher=cacher, memory=memory)
@@ -317,8 +319,9 @@ def cmd_run(args) -> int:
         flush()
         t0 = time.perf_counter()
         reply = session.ask(q.text, max_new_tokens=args.max_new_tokens, options=q.options)
+        pending = int(session.stats().get("pending_frames", 0))  # waiting for the rest of their item
         record = {"time": None if math.isinf(q.time) else q.time, "stream_time": now, "frames_seen": seen,
-                  "question": q.text, "options": q.options, "answer": getattr(reply, "text", str(reply)),
+                  "frames_pending": pending, "question": q.text, "options": q.options, "answer": getattr(reply, "text", str(reply)),
                   "choice": getattr(reply, "choice", None), "seconds": time.perf_counter() - t0,
                   "after_end": at_end and not math.isinf(q.time) and q.time > now}
         answers.append(record)
@@ -366,7 +369,9 @@ def _print_answer(r: dict) -> None:
     if r["options"]:
         print("    options: " + "  ".join(f"{chr(65 + i)}. {o}" for i, o in enumerate(r["options"])))
     choice = f" -> {r['choice']}" if r["choice"] else ""
-    print(f"    A: {r['answer']!r}{choice}   ({r['frames_seen']} frames seen, {r['seconds']:.2f} s)")
+    text = r["answer"] if r["answer"].isprintable() else repr(r["answer"])  # random weights: any bytes
+    pending = f", {r['frames_pending']} held until its item is complete" if r["frames_pending"] else ""
+    print(f"    A: {text}{choice}   ({r['frames_seen']} frames seen{pending}, {r['seconds']:.2f} s)")
 
 
 def _print_stats(stats: dict, wall: float) -> None:
@@ -387,15 +392,12 @@ def _flatten(d: dict, prefix: str = ""):
         if isinstance(value, dict):
             yield from _flatten(value, f"{prefix}{key}.")
         else:
-            yield f"{prefix}{key}", _json_value(value) if hasattr(value, "item") else value
+            yield f"{prefix}{key}", _json_value(value) if hasattr(value, "tolist") else value
 
 
 def _json_value(value):
-    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
-        return value.item()
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    return str(value)
+    """JSON for numpy / torch values (scalars and arrays), else their text."""
+    return value.tolist() if hasattr(value, "tolist") else str(value)
 
 
 def cmd_bench(args) -> int:
@@ -430,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
             return _run_eval(rest + (["--debug"] if debug and "--debug" not in rest else []), debug)
         parser = build_parser()
         args = parser.parse_args(argv)
+        args.quiet = getattr(args, "quiet", False)
         if args.command is None:
             parser.print_help()
             return 2
@@ -449,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
 def error_line(exc: BaseException) -> str:
     """A one-line description of ``exc`` (its message, else its class name)."""
     text = " ".join(str(exc).split())
-    if isinstance(exc, ModuleNotFoundError):
+    if isinstance(exc, ModuleNotFoundError) and exc.name:
         return f"missing module {exc.name!r} ({text}); is streampress fully installed?"
     if not text or isinstance(exc, (KeyError, AttributeError, IndexError)):
         return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -114,26 +114,28 @@ def _widen_mask(mask, kv_length: int):
 class _HostArena:
     """CPU memory for offloaded blocks. Pinned memory comes from power-of-two slabs (the CUDA
     host allocator rounds every allocation up to a power of two, so one pinned tensor per
-    block could waste up to half); unpinned memory is allocated per block, exactly."""
+    block could waste up to half); unpinned memory is allocated per block, exactly.
+    Blocks are never freed one by one: the arena lives as long as its stream."""
 
     SLAB = 1 << 26  # 64 MiB
     ALIGN = 256
 
-    def __init__(self, pinned: bool):
+    def __init__(self, pinned: bool, slabs: bool | None = None):
         self.pinned = pinned
+        self.use_slabs = pinned if slabs is None else slabs
         self.slabs: list[torch.Tensor] = []
         self.used = 0  # bytes in the current slab
         self.reserved = 0
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        if not self.pinned:
+        if not self.use_slabs:
             out = torch.empty(shape, dtype=dtype)
             self.reserved += out.numel() * out.element_size()
             return out
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         if not self.slabs or self.used + nbytes > self.slabs[-1].numel():
             size = max(self.SLAB, 1 << max(nbytes - 1, 1).bit_length())
-            self.slabs.append(torch.empty(size, dtype=torch.uint8, pin_memory=True))
+            self.slabs.append(torch.empty(size, dtype=torch.uint8, pin_memory=self.pinned))
             self.reserved += size
             self.used = 0
         out = self.slabs[-1][self.used:self.used + nbytes].view(dtype).view(shape)
@@ -195,6 +197,9 @@ class RetrievalStore(MemoryStore):
         super().__init__(adapter)
         self.policy = policy
         self.pinned = policy.pin_memory if policy.pin_memory is not None else adapter.device.type == "cuda"
+        if self.pinned and not torch.cuda.is_available():
+            raise ValueError("RetrievalMemory pin_memory=True needs CUDA (pinned memory speeds up copies "
+                             "to a GPU); use pin_memory=None or False")
         self.offloaded: list[OffloadedBlock] = []
         self._summaries: torch.Tensor | None = None  # [capacity, layers, KVH, d] float32, CPU
         self._lengths: list[int] = []
@@ -272,6 +277,15 @@ class RetrievalStore(MemoryStore):
         return self._summaries[:n, layer]
 
     # ---- answering ---------------------------------------------------------------------
+    def choose(self, layer: int, queries: torch.Tensor) -> list[int]:
+        """Indices (into :attr:`offloaded`, increasing = stream order) of the ``top_k`` blocks
+        whose summary keys at ``layer`` score highest for ``queries [B, H, L, d]``; blocks
+        without tokens (fully pruned items) come last."""
+        scores = block_scores(queries, self.summaries(layer))
+        scores[torch.tensor(self._lengths) == 0] = -float("inf")
+        k = min(self.policy.top_k, scores.numel())
+        return sorted(torch.topk(scores, k).indices.tolist())
+
     @contextmanager
     def answering(self, question: QuestionInput | None = None) -> Iterator[Any]:
         """The cache to answer on: per layer [prefix + top-k blocks + window] (see the module
@@ -292,18 +306,14 @@ class RetrievalStore(MemoryStore):
             idx = module.layer_idx
             layer = self.cache.layers[idx]
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            if idx not in chosen:
+            if idx not in chosen:  # the question's forward: retrieve once, keep for the answer
                 queries = project_heads(module, hidden, kwargs["position_embeddings"], "q")
-                scores = block_scores(queries, self.summaries(idx))
-                scores[torch.tensor(self._lengths) == 0] = -float("inf")
-                k = min(self.policy.top_k, scores.numel())
-                pick = sorted(torch.topk(scores, k).indices.tolist())
+                chosen[idx] = self.choose(idx, queries)
                 keys, values = saved[idx]
                 fetched = torch.cat([self.offloaded[i].data[idx].to(keys.device, non_blocking=self.pinned)
-                                     for i in pick], dim=-2)
+                                     for i in chosen[idx]], dim=-2)
                 layer.keys = torch.cat([keys[..., :prefix, :], fetched[0], keys[..., prefix:, :]], dim=-2)
                 layer.values = torch.cat([values[..., :prefix, :], fetched[1], values[..., prefix:, :]], dim=-2)
-                chosen[idx] = pick
             if "attention_mask" in kwargs:
                 kwargs["attention_mask"] = _widen_mask(kwargs["attention_mask"],
                                                        layer.keys.shape[-2] + hidden.shape[1])

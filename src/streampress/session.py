@@ -187,6 +187,8 @@ class StreamingSession:
         t2 = self._clock()
         state = self._state.advanced(start_time=start_time)
         layout, new_state = model.layout_items(state, times - start_time, (hh, ww))
+        if bool((layout.item < state.num_items).any()) or bool((layout.item >= state.num_items + n).any()):
+            raise ValueError("model adapter bug: layout_items must tag every token with its item index")
         is_visual = layout.kinds == VISUAL
         kept = ~is_visual | keep.reshape(-1).cpu()[layout.visual_index.clamp(min=0)]
         vis_index = layout.visual_index[kept & is_visual]

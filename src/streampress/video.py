@@ -24,6 +24,7 @@ import math
 import re
 import sys
 import time
+import weakref
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
 
@@ -169,6 +170,7 @@ class VideoSource:
         self._options = dict(options or {})
         self._timeout = timeout
         self._container = None  # opened by the constructor, handed to the first iteration
+        self._iterators: weakref.WeakSet = weakref.WeakSet()
         self._images: list[Path] = []
         self.kind, self._target = self._classify(source)
         if self.kind == "folder":
@@ -281,9 +283,9 @@ class VideoSource:
         return count
 
     def __iter__(self) -> Iterator[Frame]:
-        if self.kind == "folder":
-            return self._iter_folder()
-        return self._iter_av()
+        iterator = self._iter_folder() if self.kind == "folder" else self._iter_av()
+        self._iterators.add(iterator)  # so that close() can stop decoding mid-stream
+        return iterator
 
     def chunks(self, n: int) -> Iterator[tuple[np.ndarray, list[float]]]:
         """Yield ``(images uint8 [k, H, W, 3], timestamps)`` with ``k == n`` except maybe the last."""
@@ -341,14 +343,14 @@ class VideoSource:
                         return
                 index += 1
         except av.FFmpegError as exc:
-            raise VideoError(f"{self._target}: decoding failed at frame {index} "
-                             f"(t={last:.2f} s): {exc}") from None
+            after = f" (after {last:.2f} s of video)" if index else ""
+            raise VideoError(f"{self._target}: decoding failed at frame {index}{after}: {exc}") from None
         finally:
             container.close()
         expected = self.info.frame_count
         if self.kind == "file" and expected and index < expected - _MISSING_FRAMES_TOLERATED:
             raise VideoError(f"{self._target}: decoding stopped at frame {index} of {expected} "
-                             f"(t={last:.2f} s): the file is truncated or corrupt")
+                             f"(after {last:.2f} s of video): the file is truncated or corrupt")
 
     def _iter_folder(self) -> Iterator[Frame]:
         from PIL import Image
@@ -379,7 +381,9 @@ class VideoSource:
 
     # ---------------------------------------------------------------- lifetime
     def close(self) -> None:
-        """Release the source (the pending container of a source never iterated)."""
+        """Release the source: stop running iterations and close their decoders."""
+        for iterator in list(self._iterators):
+            iterator.close()
         if self._container is not None:
             self._container.close()
             self._container = None

@@ -132,7 +132,7 @@ def render_markdown(result: dict) -> str:
         cells.append("-" if run.get("speedup") is None else f"{run['speedup']:.2f}x")
         lines.append("| " + " | ".join(cells) + " |")
     answers = [r for r in result["runs"] if r.get("answer") is not None]
-    if answers:
+    if any(r["answer"] for r in answers):
         lines += ["", "Answers (random weights give arbitrary text; shown to prove the full path ran):", ""]
         lines += [f"- {r['name']}: {r['answer']!r}" for r in answers]
     return "\n".join(lines) + "\n"
@@ -250,9 +250,12 @@ def plot(result: dict, path: str | Path) -> Path:
         ax.set_xticklabels(names, rotation=20, ha="right")
         ax.grid(axis="y", alpha=0.3)
     size = config.get("frame_size")
-    fig.suptitle(f"streampress bench: {config.get('model', '?')} | {config.get('device', '?')}, "
-                 f"{config.get('dtype', '?')} | {config.get('frames', '?')} frames"
-                 + (f" {size[0]}x{size[1]}" if size else ""), fontsize=13)
+    detail = [f"{config.get('device', '?')}, {config.get('dtype', '?')}",
+              f"{config.get('frames', '?')} frames" + (f" {size[0]}x{size[1]}" if size else "")
+              + (f" at {config['fps']:g} fps" if config.get("fps") else "")]
+    if config.get("keep_ratio") is not None:
+        detail.append(f"keep ratio {config['keep_ratio']:g}")
+    fig.suptitle(f"streampress bench: {config.get('model', '?')}\n" + " | ".join(detail), fontsize=12)
     path = Path(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -267,6 +270,11 @@ def write_report(result: dict, out_dir: str | Path) -> dict[str, Path]:
     paths = {"json": out / "bench.json", "md": out / "bench.md", "png": out / "bench.png"}
     paths["json"].write_text(json.dumps(result, indent=2, default=_json_default) + "\n")
     paths["md"].write_text(render_markdown(result))
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ImportError(f"bench.png needs matplotlib: pip install 'streampress[bench]' "
+                          f"({paths['json']} and {paths['md']} were written)") from None
     plot(result, paths["png"])
     return paths
 

@@ -232,6 +232,11 @@ def _device_name(device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} ({device})"
     cpu = platform.processor() or platform.machine()
+    try:  # Linux names the processor model here; platform.processor() is often empty
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
     return f"cpu ({cpu}, {torch.get_num_threads()} threads)"
 
 

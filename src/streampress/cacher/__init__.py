@@ -1,11 +1,14 @@
 """STC-Cacher: vision-encoder reuse across similar items of a stream (ALGORITHMS.md section 5).
 
->>> cacher = create_cacher(rho=0.25, interval=2)
->>> state = cacher.new_state()                      # one per stream
->>> out = cacher.encode(model.visual, pixel_values_videos, video_grid_thw, state)   # Qwen
->>> out = cacher.encode_siglip(vision_tower, pixel_values, state)                     # SigLIP
->>> with cacher.attach(hf_model) as handle:         # the model's own tower, cached
-...     hf_model.get_video_features(pixel_values_videos, video_grid_thw)
+Example::
+
+    cacher = create_cacher(rho=0.25, interval=2)
+    state = cacher.new_state()                                                # one per stream
+    out = cacher.encode(model.visual, pixel_values_videos, video_grid_thw, state)  # Qwen
+    out = cacher.encode_siglip(vision_tower, pixel_values, state,                  # SigLIP
+                               output_hidden_states=True)
+    with cacher.attach(hf_model) as handle:           # the model's own tower, cached
+        hf_model.get_video_features(pixel_values_videos, video_grid_thw)
 
 Supported towers: Qwen2.5-VL and Qwen3-VL (an item is a temporal patch) and SigLIP as
 used by LLaVA-OneVision (an item is a frame).

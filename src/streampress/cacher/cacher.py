@@ -16,6 +16,7 @@ from numbers import Real
 
 import torch
 from torch import nn
+from typing_extensions import Self
 
 from .core import BlockRef, dense_block, key_similarity, project_keys, selective_block
 from .qwen import QwenGlue, is_qwen_vision
@@ -41,11 +42,12 @@ def find_vision_module(model: nn.Module):
 class _CallContext:
     """One call of the tower: the plan (which items are references) and pending results."""
 
-    def __init__(self, cacher: "StcCacher", inst: "_Installation", state: CacherState, items: int, layout: tuple):
+    def __init__(self, cacher: StcCacher, inst: _Installation, state: CacherState, items: int, layout: tuple):
         self.cacher, self.inst, self.state, self.items, self.layout = cacher, inst, state, items, layout
         self.next_block = 0
         self.pending: list[BlockRef | None] = [None] * len(inst.blocks)
         self.stats = CacherStats(items=items)
+        self.memo: dict = {}  # per-call facts the glue derives once (attention patterns)
 
     # ---- plan -----------------------------------------------------------------------
     def _plan(self, x: torch.Tensor, parts, rope) -> torch.Tensor | None:
@@ -99,12 +101,25 @@ class _CallContext:
         shift = 0 if uses_stored else 1
         return bank.take(torch.tensor([s - shift for s in self.slots], device=bank.k.device))
 
+    @staticmethod
+    def _keep(new: BlockRef) -> BlockRef:
+        """The call's last reference as compact tensors for the state: a tensor that is
+        exactly that item is kept as is, a view into something larger (the values inside
+        the fused projection's output, one item of several) is copied so the rest is freed."""
+        def compact(t: torch.Tensor) -> torch.Tensor:
+            if t.is_contiguous() and t.untyped_storage().nbytes() == t.nbytes:
+                return t
+            return t.clone(memory_format=torch.contiguous_format)
+
+        last = new.take(new.k.shape[0] - 1)
+        return BlockRef(compact(last.k), compact(last.v), compact(last.a), compact(last.m))
+
     # ---- one block ------------------------------------------------------------------
     def run_block(self, index: int, args: tuple, kwargs: dict) -> torch.Tensor:
         if index != self.next_block:
             raise RuntimeError(f"vision block {index} ran out of order (expected block {self.next_block})")
         glue = self.inst.glue
-        x, rope, pattern = glue.unpack(args, kwargs, self.items, self.state)
+        x, rope, pattern = glue.unpack(args, kwargs, self.items, self.state, self.memo)
         parts = self.inst.parts[index]
         keys0 = self._plan(x, parts, rope) if index == 0 else None
         n_items, t, _ = x.shape
@@ -112,9 +127,7 @@ class _CallContext:
         if self.refs:
             x_ref = x if not self.deps else x.index_select(0, self.ref_index)
             y_ref, new = dense_block(parts, x_ref, rope, pattern)
-            last = new.take(len(self.refs) - 1)
-            self.pending[index] = BlockRef(*(getattr(last, f).clone(memory_format=torch.contiguous_format)
-                                             for f in "kvam"))
+            self.pending[index] = self._keep(new)
             if not self.deps:
                 y = y_ref
         if self.deps:
@@ -181,7 +194,7 @@ class _Installation:
             object.__delattr__(self.module, _MARK)
 
     @contextmanager
-    def call(self, cacher: "StcCacher", state: CacherState, items: int, layout: tuple):
+    def call(self, cacher: StcCacher, state: CacherState, items: int, layout: tuple):
         if self.ctx is not None:
             raise RuntimeError("nested cached call on the same vision tower")
         ctx = _CallContext(cacher, self, state, items, layout)
@@ -200,7 +213,7 @@ class AttachHandle:
     ``detach()`` explicitly. ``handle.state`` is the stream's :class:`CacherState`.
     """
 
-    def __init__(self, cacher: "StcCacher", model: nn.Module, state: CacherState) -> None:
+    def __init__(self, cacher: StcCacher, model: nn.Module, state: CacherState) -> None:
         self.cacher, self.state = cacher, state
         self.module, glue = find_vision_module(model)
         self._inst = _Installation(self.module, glue)
@@ -229,7 +242,7 @@ class AttachHandle:
         self._inst.uninstall()
         self.attached = False
 
-    def __enter__(self) -> "AttachHandle":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

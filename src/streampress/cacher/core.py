@@ -21,8 +21,9 @@ Python loop runs over tokens or heads.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -62,7 +63,7 @@ class AttentionPattern:
     seg_ids: Tensor | None = None
 
     @staticmethod
-    def from_lengths(lengths: list[int], device: torch.device) -> "AttentionPattern":
+    def from_lengths(lengths: list[int], device: torch.device) -> AttentionPattern:
         total = sum(lengths)
         if len(lengths) == 1:
             return AttentionPattern("full")
@@ -82,18 +83,18 @@ class BlockRef:
     a: Tensor  # [R, T, D] attention branch (after output projection)
     m: Tensor  # [R, T, D] MLP branch
 
-    def take(self, index: Tensor | int) -> "BlockRef":
+    def take(self, index: Tensor | int) -> BlockRef:
         """Items ``index`` (an int keeps a leading dim of 1; a tensor gathers)."""
         if isinstance(index, int):
             sl = slice(index, index + 1)
             return BlockRef(self.k[sl], self.v[sl], self.a[sl], self.m[sl])
         return BlockRef(self.k[index], self.v[index], self.a[index], self.m[index])
 
-    def detached_copy(self) -> "BlockRef":
+    def detached_copy(self) -> BlockRef:
         return BlockRef(self.k.clone(), self.v.clone(), self.a.clone(), self.m.clone())
 
     @staticmethod
-    def cat(refs: list["BlockRef"]) -> "BlockRef":
+    def cat(refs: list[BlockRef]) -> BlockRef:
         return BlockRef(*(torch.cat([getattr(r, f) for r in refs]) for f in "kvam"))
 
 
@@ -137,8 +138,8 @@ def dense_attention(q: Tensor, k: Tensor, v: Tensor, pattern: AttentionPattern, 
     return out.reshape(r, t, h * d)
 
 
-def selective_attention(q_sel: Tensor, k: Tensor, v: Tensor, idx: Tensor,
-                        pattern: AttentionPattern, scale: float) -> Tensor:
+def selective_attention(q_sel: Tensor, k: Tensor, v: Tensor, idx: Tensor, pattern: AttentionPattern,
+                        scale: float, pad_to_window: bool | None = None) -> Tensor:
     """Attention of the selected queries of B items over all keys/values of their item.
 
     ``q_sel [B, r, H, d]`` are the queries of tokens ``idx [B, r]`` (ascending per item);
@@ -146,7 +147,9 @@ def selective_attention(q_sel: Tensor, k: Tensor, v: Tensor, idx: Tensor,
     only its own window. Equal windows use per-window padding (each window's selected
     queries packed into ``c_max`` slots, attention over that window's keys only), so the
     cost is about that of the dense window attention; other windowings use a boolean mask
-    built by one vectorised comparison of window ids.
+    built by one vectorised comparison of window ids. ``pad_to_window``: pad every window
+    to ``min(window, r)`` slots instead of reading the fullest window's count (which needs
+    a host sync); default: pad on accelerators, read the count on a CPU.
     """
     b, r, h, d = q_sel.shape
     t = k.shape[1]
@@ -161,7 +164,9 @@ def selective_attention(q_sel: Tensor, k: Tensor, v: Tensor, idx: Tensor,
     win = idx // w  # [B, r], non-decreasing per item
     counts = torch.zeros(b, n, dtype=torch.long, device=idx.device)
     counts.scatter_add_(1, win, torch.ones_like(win))
-    c_max = int(counts.max())
+    if pad_to_window is None:
+        pad_to_window = idx.device.type != "cpu"
+    c_max = min(w, r) if pad_to_window else int(counts.max())
     starts = counts.cumsum(1) - counts
     pos = torch.arange(r, device=idx.device).unsqueeze(0) - starts.gather(1, win)
     base = (torch.arange(b, device=idx.device) * n).unsqueeze(1)

@@ -13,7 +13,8 @@ embeddings, merger, DeepStack mergers) is the model's own code, untouched.
 
 from __future__ import annotations
 
-import torch
+import itertools
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -88,11 +89,19 @@ class QwenGlue:
         items = sum(int(t) for t, _, _ in rows)
         if items < 1:
             raise ValueError(f"grid_thw has no temporal patches: {rows}")
-        return items, next(iter(hw))
+        (h, w), = hw
+        px = kwargs.get("hidden_states", args[0] if args else None)
+        if not isinstance(px, Tensor) or px.dim() != 2 or px.shape[0] != items * h * w:
+            raise ValueError(f"pixel_values must be [{items * h * w}, patch_dim] for grid_thw {rows}, "
+                             f"got {tuple(getattr(px, 'shape', ()))}")
+        return items, (h, w)
 
     @staticmethod
-    def unpack(args: tuple, kwargs: dict, items: int, state) -> tuple[Tensor, tuple, AttentionPattern]:
-        """Block call -> ``(x [I, T, D], rope (cos, sin) of one item, pattern)``."""
+    def unpack(args: tuple, kwargs: dict, items: int, state, memo: dict) -> tuple[Tensor, tuple, AttentionPattern]:
+        """Block call -> ``(x [I, T, D], rope (cos, sin) of one item, pattern)``.
+
+        ``memo`` lives for one tower call: the tower passes the same ``cu_seqlens`` tensor
+        to all its window blocks (and another to its full blocks), so each is read once."""
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         cu = kwargs["cu_seqlens"] if "cu_seqlens" in kwargs else args[1]
         rope = kwargs.get("position_embeddings", args[2] if len(args) > 2 else None)
@@ -100,16 +109,21 @@ class QwenGlue:
         if total % items:
             raise ValueError(f"block input of {total} tokens does not split into {items} items")
         t = total // items
+        seen = memo.get(id(cu))
+        if seen is None or seen[0] is not cu:
+            seen = memo[id(cu)] = (cu, QwenGlue._pattern(cu, items, t, state, hidden.device))
+        cos, sin = rope
+        return hidden.view(items, t, dim), (cos[:t], sin[:t]), seen[1]
+
+    @staticmethod
+    def _pattern(cu: Tensor, items: int, t: int, state, device) -> AttentionPattern:
         bounds = [int(c) for c in cu.tolist()]
         per_item = [c for c in bounds if c <= t]
         expect = [c + j * t for j in range(items) for c in per_item[1:]]
         if per_item[0] != 0 or per_item[-1] != t or bounds[1:] != expect:
             raise ValueError("cu_seqlens must repeat the same windows inside every item; "
                              "attention crossing an item cannot be cached")
-        lengths = tuple(b - a for a, b in zip(per_item[:-1], per_item[1:]))
-        pattern = state.pattern(lengths, hidden.device)
-        cos, sin = rope
-        return hidden.view(items, t, dim), (cos[:t], sin[:t]), pattern
+        return state.pattern(tuple(b - a for a, b in itertools.pairwise(per_item)), device)
 
     @staticmethod
     def pack(y: Tensor) -> Tensor:

@@ -78,7 +78,7 @@ class SiglipGlue:
         return int(px.shape[0]), tuple(px.shape[1:])
 
     @staticmethod
-    def unpack(args: tuple, kwargs: dict, items: int, state) -> tuple[Tensor, None, AttentionPattern]:
+    def unpack(args: tuple, kwargs: dict, items: int, state, memo: dict) -> tuple[Tensor, None, AttentionPattern]:
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         if mask is not None:

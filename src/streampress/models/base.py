@@ -193,7 +193,9 @@ class ModelAdapter(ABC):
         """Layout of a chunk of T items. ``frame_times``: float64 ``[T, frames_per_item]``,
         seconds since the stream's first frame. Returns every token of the chunk (wrapper
         text and all H'*W' visual tokens per item, in sequence order) with positions of
-        the unpruned stream, and the state after the chunk (pure: ``state`` is unchanged)."""
+        the unpruned stream, and the state after the chunk (pure: ``state`` is unchanged).
+        Every token carries the index of its item (``item``), items in increasing order, so
+        that memory policies can evict an item with its wrapper text."""
 
     @abstractmethod
     def question_ids(self, question: str, has_video: bool) -> list[int]:

@@ -148,6 +148,8 @@ def build_random_model(config, dtype: torch.dtype, device: torch.device, seed: i
             model = cls(config)
     finally:
         torch.set_default_dtype(previous)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
     if device.type == "meta":  # shapes only (e.g. to inspect an architecture without memory)
         model.eval()
         model.build_seconds = time.perf_counter() - t0
@@ -162,8 +164,6 @@ def build_random_model(config, dtype: torch.dtype, device: torch.device, seed: i
             param.fill_(1.0)
         else:
             param.uniform_(-bound, bound, generator=gen)
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
     model.eval()
     model.build_seconds = time.perf_counter() - t0
     return model

@@ -51,6 +51,7 @@ class Pruner:
     def __init__(self, **params: Any) -> None:
         self._params = dict(params)
         self._shape_cache: dict[tuple, torch.Tensor] = {}
+        self._scratch: dict[int, torch.Tensor] = {}
         self.reset()
 
     # ----------------------------------------------------------------- public API
@@ -99,6 +100,21 @@ class Pruner:
             self._shape_cache[key] = value
         return value
 
+    def _work(self, like: torch.Tensor, slot: int = 0) -> torch.Tensor:
+        """A flat float32 scratch buffer with room for ``like.numel()`` values.
+
+        Reused from call to call for the grid-sized temporaries of the scoring (a product
+        before a reduction, the unit tokens): a fresh multi-MiB buffer per call can cost
+        hundreds of page faults when the allocator hands the memory back to the OS in
+        between. Different ``slot`` numbers are different buffers. The content is never
+        state: a failed call may leave anything in it.
+        """
+        buf = self._scratch.get(slot)
+        if buf is None or buf.numel() < like.numel() or buf.device != like.device:
+            buf = torch.empty(like.numel(), dtype=torch.float32, device=like.device)
+            self._scratch[slot] = buf
+        return buf
+
     def _validated(self, grids: Any) -> torch.Tensor:
         if not isinstance(grids, torch.Tensor):
             raise TypeError(
@@ -114,7 +130,7 @@ class Pruner:
             raise TypeError(
                 f"grids must have a floating dtype (float32, float16, bfloat16, ...), got {grids.dtype}"
             )
-        T, H, W, D = grids.shape
+        _, H, W, D = grids.shape
         if H == 0 or W == 0 or D == 0:
             raise ValueError(f"grids must have H, W and D >= 1, got shape {tuple(grids.shape)}")
         if self._stream_shape is not None:
@@ -151,8 +167,8 @@ def require_finite(reduction: torch.Tensor, grids: torch.Tensor) -> None:
         t = int(bad.nonzero()[0, 0])
         raise ValueError(f"grids must be finite: grid {t} of this call contains NaN or inf values")
     raise ValueError(
-        "grids contain values too large to score in float32 (a token's squared norm overflows); "
-        "rescale the embeddings"
+        "grids contain values too large to score in float32 (a sum of squares or of values "
+        "overflows); rescale the embeddings"
     )
 
 
@@ -164,6 +180,17 @@ def unit_tokens(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tenso
     norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
     require_finite(norms, x)
     return torch.div(x, norms.clamp_min(NORM_EPS), out=out)
+
+
+def rowdot(a: torch.Tensor, b: torch.Tensor, work: torch.Tensor | None = None) -> torch.Tensor:
+    """``(a * b).sum(-1)``: a batch of dot products over the last axis (``b`` broadcasts to ``a``).
+
+    ``work``: a flat float32 buffer with room for ``a.numel()`` values, used for the product
+    instead of allocating one (see ``Pruner._work``).
+    """
+    if work is None:
+        return torch.linalg.vecdot(a, b)
+    return torch.mul(a, b, out=work[: a.numel()].view(a.shape)).sum(dim=-1)
 
 
 def keep_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:

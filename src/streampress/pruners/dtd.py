@@ -19,7 +19,16 @@ from typing import NamedTuple
 
 import torch
 
-from .base import Pruner, check_exclusive, check_keep_ratio, check_threshold, keep_lowest, ratio_budget, unit_tokens
+from .base import (
+    Pruner,
+    check_exclusive,
+    check_keep_ratio,
+    check_threshold,
+    keep_lowest,
+    ratio_budget,
+    rowdot,
+    unit_tokens,
+)
 
 #: TimeChat-Online's conservative published operating point (drops ~45% of video tokens;
 #: tau = 0.25 drops ~85%).
@@ -27,20 +36,22 @@ DEFAULT_TAU = 0.5
 DEFAULT_EVS_KEEP_RATIO = 0.25
 
 
-def temporal_similarity(xn: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:
+def temporal_similarity(
+    xn: torch.Tensor, prev: torch.Tensor | None, work: torch.Tensor | None = None
+) -> torch.Tensor:
     """``cos(x_t, x_{t-1})`` per position, ``[T, H, W]``, from unit tokens ``xn [T, H, W, D]``.
 
     ``prev`` is the unit-normalised grid before ``xn[0]`` (``[H, W, D]``), or None at the
     start of a stream: the first grid then scores ``-inf`` (nothing to compare with, never
-    dropped).
+    dropped). ``work``: optional scratch buffer (see ``rowdot``).
     """
     if prev is None:
         first = torch.full((1,) + xn.shape[1:3], float("-inf"), device=xn.device)
     else:
-        first = torch.linalg.vecdot(xn[:1], prev)  # prev broadcasts: [1, H, W]
+        first = rowdot(xn[:1], prev, work)  # prev broadcasts: [1, H, W]
     if xn.shape[0] == 1:
         return first
-    return torch.cat([first, torch.linalg.vecdot(xn[1:], xn[:-1])])
+    return torch.cat([first, rowdot(xn[1:], xn[:-1], work)])
 
 
 class PreviousGrid(NamedTuple):
@@ -97,7 +108,7 @@ class DTDPruner(Pruner):
     def _prune(self, x: torch.Tensor, state: PreviousGrid | None):
         T, H, W, _ = x.shape
         xn, prev, state = normalise_chunk(x, state)
-        sim = temporal_similarity(xn, prev)
+        sim = temporal_similarity(xn, prev, self._work(x))
         if self.keep_ratio is None:
             keep = sim <= self.tau  # -inf (first grid) is always kept
         else:

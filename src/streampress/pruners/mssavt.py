@@ -23,7 +23,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import Pruner, check_exclusive, check_keep_ratio, check_threshold, keep_lowest, ratio_budget, unit_tokens
+from .base import (
+    Pruner,
+    check_exclusive,
+    check_keep_ratio,
+    check_threshold,
+    keep_lowest,
+    ratio_budget,
+    rowdot,
+    unit_tokens,
+)
 
 #: StreamingAssistant's spatial operating point (tau_s = 0.2, with tau_t = 0.2).
 DEFAULT_TAU = 0.2
@@ -31,13 +40,14 @@ DEFAULT_TAU = 0.2
 _NEG_INF = float("-inf")
 
 
-def neighbour_similarity(xn: torch.Tensor) -> torch.Tensor:
+def neighbour_similarity(xn: torch.Tensor, work: torch.Tensor | None = None) -> torch.Tensor:
     """``R [T, H, W]``: the maximum cosine similarity of each token to its 4-neighbours.
 
     ``xn`` holds unit tokens ``[T, H, W, D]``. Tokens without any neighbour get -inf.
+    ``work``: optional scratch buffer (see ``rowdot``).
     """
-    right = torch.linalg.vecdot(xn[:, :, :-1], xn[:, :, 1:])  # pair (h, w)-(h, w+1): [T, H, W-1]
-    down = torch.linalg.vecdot(xn[:, :-1], xn[:, 1:])  # pair (h, w)-(h+1, w): [T, H-1, W]
+    right = rowdot(xn[:, :, :-1], xn[:, :, 1:], work)  # pair (h, w)-(h, w+1): [T, H, W-1]
+    down = rowdot(xn[:, :-1], xn[:, 1:], work)  # pair (h, w)-(h+1, w): [T, H-1, W]
     right = F.pad(right, (1, 1), value=_NEG_INF)  # [T, H, W+1]; column w+1 holds pair (w, w+1)
     down = F.pad(down, (0, 0, 1, 1), value=_NEG_INF)  # [T, H+1, W]
     horizontal = torch.maximum(right[:, :, 1:], right[:, :, :-1])  # right neighbour, left neighbour
@@ -79,7 +89,8 @@ class MSSAVTPruner(Pruner):
 
     def _prune(self, x: torch.Tensor, state: None):
         T, H, W, _ = x.shape
-        r = neighbour_similarity(unit_tokens(x))
+        xn = unit_tokens(x, out=self._work(x, slot=1)[: x.numel()].view(x.shape))
+        r = neighbour_similarity(xn, self._work(x))
         board = self._checkerboard(H, W, x.device)
         if self.keep_ratio is None:
             keep = ~((r > self.tau) & board)

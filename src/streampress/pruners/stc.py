@@ -27,7 +27,16 @@ from __future__ import annotations
 
 import torch
 
-from .base import NORM_EPS, Pruner, check_count, check_exclusive, check_keep_ratio, keep_lowest, ratio_budget, require_finite
+from .base import (
+    NORM_EPS,
+    Pruner,
+    check_count,
+    check_exclusive,
+    check_keep_ratio,
+    keep_lowest,
+    ratio_budget,
+    require_finite,
+)
 
 KERNEL_ALPHAS = (1 / 8, 1 / 4, 1 / 2, 1.0, 2.0)
 #: Public STC default: 60 of LLaVA-OneVision's 196 tokens per frame, 64 later; 64 of a
@@ -35,40 +44,59 @@ KERNEL_ALPHAS = (1 / 8, 1 / 4, 1 / 2, 1.0, 2.0)
 DEFAULT_TOKENS_PER_GRID = 64
 
 
-def token_statistics(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per grid and channel, the mean and the population variance over tokens: ``[T, D]`` each."""
-    mean = z.mean(dim=1)
-    var = (z - mean.unsqueeze(1)).square_().mean(dim=1)
-    return mean, var
+def token_statistics(z: torch.Tensor, work: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per grid and channel, the mean and the population variance over tokens: ``[T, D]`` each.
+
+    ``work``: optional flat scratch buffer for the centred tokens (see ``Pruner._work``).
+    """
+    # Means over tokens as batched matrix products with a 1/N row: on the CPU this is ~1.5x
+    # faster than a reduction over the (non-innermost) token axis, 3x on grids not in cache.
+    weights = torch.full((z.shape[0], 1, z.shape[1]), 1.0 / z.shape[1], dtype=z.dtype, device=z.device)
+    mean = torch.bmm(weights, z)  # [T, 1, D]
+    centred = torch.sub(z, mean, out=None if work is None else work[: z.numel()].view(z.shape))
+    return mean.squeeze(1), torch.bmm(weights, centred.square_()).squeeze(1)
 
 
 def select_channels(var: torch.Tensor) -> torch.Tensor:
     """0/1 float mask ``[T, D]`` of the ``max(1, D // 2)`` lowest-variance channels per grid."""
-    T, D = var.shape
-    idx = torch.sort(var, dim=-1, stable=True).indices[:, : max(1, D // 2)]
+    idx = torch.sort(var, dim=-1, stable=True).indices[:, : max(1, var.shape[1] // 2)]
     return torch.zeros_like(var).scatter_(1, idx, 1.0)
 
 
-def kernel(d2: torch.Tensor) -> torch.Tensor:
-    """Multi-bandwidth Gaussian kernel ``sum_alpha exp(-d2 / (2 alpha))`` of squared distances."""
-    total = torch.exp(d2 * (-0.5 / KERNEL_ALPHAS[0]))
-    for alpha in KERNEL_ALPHAS[1:]:
-        total += torch.exp(d2 * (-0.5 / alpha))
-    return total
+def kernel(d2: torch.Tensor, neg_gammas: torch.Tensor | None = None) -> torch.Tensor:
+    """Multi-bandwidth Gaussian kernel ``sum_alpha exp(-d2 / (2 alpha))`` of squared distances.
+
+    ``neg_gammas``: the factors ``-1 / (2 alpha)`` as a tensor on ``d2``'s device (callers
+    cache it, so that no host-to-device copy happens per call); built here when None.
+    """
+    if neg_gammas is None:
+        neg_gammas = kernel_factors(d2.device)
+    return torch.exp(d2.unsqueeze(-1) * neg_gammas).sum(dim=-1)
+
+
+def kernel_factors(device: torch.device | str = "cpu") -> torch.Tensor:
+    """``-1 / (2 alpha)`` for every kernel bandwidth, float32 on ``device``."""
+    return torch.tensor([-0.5 / a for a in KERNEL_ALPHAS], dtype=torch.float32, device=device)
 
 
 def redundancy_scores(
-    z: torch.Tensor, var: torch.Tensor, memory: torch.Tensor | None = None
+    z: torch.Tensor,
+    var: torch.Tensor,
+    memory: torch.Tensor | None = None,
+    work: torch.Tensor | None = None,
+    neg_gammas: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """STC's score per token, ``[T, N]`` (high = redundant).
 
     ``z [T, N, D]`` raw tokens, ``var [T, D]`` their per-channel variance over tokens,
     ``memory [T, D]`` the full-D memory mean seen by each grid (None: VidCom2's score,
-    frame anchor only).
+    frame anchor only); ``work`` an optional flat scratch buffer for ``z ** 2`` and
+    ``neg_gammas`` the cached kernel factors (see ``kernel``).
     """
-    T, N, D = z.shape
+    N = z.shape[1]
     channels = select_channels(var)
-    norms = torch.bmm(z.square(), channels.unsqueeze(-1)).squeeze(-1).sqrt_()  # selected-channel norms
+    squares = torch.square(z, out=None if work is None else work[: z.numel()].view(z.shape))
+    norms = torch.bmm(squares, channels.unsqueeze(-1)).squeeze(-1).sqrt_()  # selected-channel norms
     inv = 1.0 / norms.clamp_min(NORM_EPS)
     anchor = torch.bmm((inv / N).unsqueeze(1), z).squeeze(1) * channels  # mean of unit tokens
     anchors = [anchor]
@@ -76,11 +104,11 @@ def redundancy_scores(
         m = memory * channels
         anchors.append(m / torch.linalg.vector_norm(m, dim=-1, keepdim=True).clamp_min(NORM_EPS))
     v = torch.stack(anchors, dim=1)  # [T, J, D]
-    dots = torch.bmm(z, v.mT) * inv.unsqueeze(-1)  # x_i . v, [T, N, J]
-    xx = (norms * inv).square_().unsqueeze(-1)  # |x_i|^2: 1, or 0 for an all-zero token
-    vv = v.square().sum(-1).unsqueeze(1)  # |v|^2, [T, 1, J]
+    dots = torch.bmm(v, z.mT) * inv.unsqueeze(1)  # x_i . v, [T, J, N] (this layout is the fast gemm)
+    xx = (norms * inv).square_().unsqueeze(1)  # |x_i|^2: 1, or 0 for an all-zero token
+    vv = v.square().sum(-1).unsqueeze(-1)  # |v|^2, [T, J, 1]
     d2 = (xx + vv - 2.0 * dots).clamp_min_(0.0)
-    return kernel(d2).sum(-1)
+    return kernel(d2, neg_gammas).sum(dim=1)
 
 
 def _stream_dtype(device: torch.device) -> torch.dtype:
@@ -132,10 +160,12 @@ class STCPruner(Pruner):
     def _prune(self, x: torch.Tensor, state):
         T, H, W, D = x.shape
         z = x.reshape(T, H * W, D)
-        mean, var = token_statistics(z)
+        work = self._work(x)
+        mean, var = token_statistics(z, work)
         require_finite(mean, x)
         memory, state = self._memory(mean, state) if self.uses_memory else (None, None)
-        keep = keep_lowest(redundancy_scores(z, var, memory), self._budget(H * W))
+        factors = self._cached(("kernel", x.device), lambda: kernel_factors(x.device))
+        keep = keep_lowest(redundancy_scores(z, var, memory, work, factors), self._budget(H * W))
         return keep.view(T, H, W), state
 
     def _memory(self, mean: torch.Tensor, state):
@@ -151,13 +181,15 @@ class STCPruner(Pruner):
         count = 0 if state is None else state[1]
         counts = torch.arange(count + 1, count + T + 1, device=mean.device, dtype=dtype)
         if self.window is None:
-            carried = torch.zeros((1, D), device=mean.device, dtype=dtype) if state is None else state[0]
+            carried = torch.zeros((1, D), device=mean.device, dtype=dtype) if state is None else state[0].to(mean.device)
             sums = torch.cat([carried, means]).cumsum(dim=0)
             memory = sums[1:] / counts.unsqueeze(1)
             new_state = (sums[-1:].clone(), count + T)
         else:
             w = self.window
-            history = torch.zeros((w - 1, D), device=mean.device, dtype=dtype) if state is None else state[0]
+            history = (
+                torch.zeros((w - 1, D), device=mean.device, dtype=dtype) if state is None else state[0].to(mean.device)
+            )
             seq = torch.cat([history, means])  # [w - 1 + T, D]
             memory = seq.unfold(0, w, 1).sum(dim=-1) / counts.clamp_max(w).unsqueeze(1)
             new_state = (seq[T:].clone(), count + T)

@@ -65,8 +65,9 @@ class StreamingAssistantPruner(Pruner):
     def _prune(self, x: torch.Tensor, state: PreviousGrid | None):
         T, H, W, _ = x.shape
         xn, prev, state = normalise_chunk(x, state)
-        sim = temporal_similarity(xn, prev)
-        r = neighbour_similarity(xn)
+        work = self._work(x)
+        sim = temporal_similarity(xn, prev, work)
+        r = neighbour_similarity(xn, work)
         board = self._cached(("checkerboard", H, W, x.device), lambda: checkerboard(H, W, x.device))
         if self.keep_ratio is None:
             keep = ~((sim > self.tau_t) | ((r > self.tau_s) & board))
