@@ -365,9 +365,6 @@ def test_cacher_in_the_session():
     assert (question_logits(a) - question_logits(b)).abs().max() < 1e-9  # identical frames: exact
 
 
-@pytest.mark.xfail(raises=RuntimeError, strict=False,
-                   reason="cacher: selective_block's h.view fails on SigLIP's non-contiguous embeddings "
-                          "when a chunk holds only dependent frames (reference from an earlier chunk)")
 def test_cacher_state_spans_chunks():
     cacher_mod = pytest.importorskip("streampress.cacher")
     adapter = tiny()

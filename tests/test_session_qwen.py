@@ -244,10 +244,14 @@ def test_bad_input_gives_clear_errors_and_keeps_state(arch, monkeypatch):
     for call, exc, text in bad:
         with pytest.raises(exc, match=text):
             call()
-    monkeypatch.setattr(m, "max_context", session.position_state.max_position + 20)
-    with pytest.raises(ValueError, match="context"):
-        session.ask("a question of more than twenty tokens for sure")
+    # A stream longer than the trained context still answers (positions are kept), with one warning.
+    monkeypatch.setattr(m, "max_context", session.position_state.max_position + 60)
+    with pytest.warns(RuntimeWarning, match="trained context"):
+        session.ask("a question of more than twenty tokens for sure", max_new_tokens=2)
     monkeypatch.undo()
+    answered = _snapshot(session)  # a successful question leaves the stream as it was
+    assert answered[1] == before[1] and all(torch.equal(a, b) for a, b in zip(answered[2], before[2]))
+    before = answered
 
     real_forward = m.forward
 

@@ -24,6 +24,7 @@ is undone (cache length restored).
 from __future__ import annotations
 
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -118,6 +119,7 @@ class StreamingSession:
         self._last_time: float | None = None
         self._frame_hw: tuple[int, int] | None = None
         self._grid_hw: tuple[int, int] | None = None
+        self._warned_positions = False
         self._counts = dict(frames=0, items=0, visual_tokens_seen=0, visual_tokens_kept=0, questions=0,
                             encode_seconds=0.0, prune_seconds=0.0, prefill_seconds=0.0, answer_seconds=0.0)
         layout, state = self.model.begin_stream(PositionState())
@@ -296,12 +298,18 @@ class StreamingSession:
 
     def _question_ids(self, question: str, max_new_tokens: int) -> list[int]:
         ids = self.model.question_ids(question, has_video=self._state.num_items > 0)
-        start = self._state.max_position + 1
-        needed = start + len(ids) + max_new_tokens
-        if needed > self.model.max_context:
-            raise ValueError(f"question too long for the model's context: positions up to {needed} needed "
-                             f"({len(ids)} question tokens + {max_new_tokens} new tokens after position {start}), "
-                             f"the model supports {self.model.max_context}")
+        if len(ids) + max_new_tokens > self.model.max_context:
+            raise ValueError(f"question too long for the model's context: {len(ids)} question tokens + "
+                             f"{max_new_tokens} new tokens, the model supports {self.model.max_context}")
+        needed = self._state.max_position + 1 + len(ids) + max_new_tokens
+        if needed > self.model.max_context and not self._warned_positions:
+            # Long streams keep their original positions (that is what makes pruning and
+            # eviction exact); past the trained length RoPE still computes, but the model
+            # was never trained there. Say so once per stream rather than refuse to answer.
+            self._warned_positions = True
+            warnings.warn(f"positions up to {needed} exceed the model's trained context "
+                          f"({self.model.max_context}); answers may degrade on streams this long",
+                          RuntimeWarning, stacklevel=3)
         return ids
 
     @contextmanager

@@ -201,7 +201,7 @@ def key_similarity(k: Tensor, k_ref: Tensor) -> Tensor:
     """Cosine similarity per token over all heads: ``[B, T, H, d]`` x ``[B|1, T, H, d]`` -> ``[B, T]`` (float32)."""
     kf = k.flatten(-2).float()
     rf = k_ref.flatten(-2).float()
-    dot = (kf * rf).sum(-1)
+    dot = torch.linalg.vecdot(kf, rf.expand_as(kf))
     norms = torch.linalg.vector_norm(kf, dim=-1) * torch.linalg.vector_norm(rf, dim=-1)
     return dot / norms.clamp_min(1e-12)
 
@@ -225,6 +225,9 @@ def selective_block(parts: BlockParts, x: Tensor, ref: BlockRef, rope: Rope | No
     ``buffer(name, shape, dtype, device)``: optional reusable scratch tensor provider.
     Returns ``(y [B, T, D], idx [B, count])``.
     """
+    # Embeddings can arrive non-contiguous (SigLIP's patch embedding is transposed); the
+    # in-place row scatters below work on flat views, which need contiguous storage.
+    x = x.contiguous()
     b, t, dim = x.shape
     hd, nh = parts.head_dim, parts.num_heads
     u = parts.norm1(x)

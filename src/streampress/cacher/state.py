@@ -18,7 +18,10 @@ from .core import AttentionPattern, BlockRef
 
 @dataclass
 class CacherStats:
-    """Counters since the last ``reset()`` (tokens are counted per encoder block)."""
+    """Counters since the last ``reset()`` (tokens are counted per encoder block).
+
+    ``first_block_similarity``: mean key similarity of each dependent item to its reference
+    at the first block, recorded when a ``refresh_threshold`` is set (last 1000 items)."""
 
     items: int = 0
     references: int = 0
