@@ -205,7 +205,8 @@ def plot(result: dict, path: str | Path) -> Path:
         ax_time.annotate(f"{total:.0f}", (xi, total), ha="center", va="bottom", fontsize=9)
     ax_time.set_title("Time per frame by stage")
     ax_time.set_ylabel("milliseconds per frame")
-    ax_time.legend(loc="upper right")
+    ax_time.set_ylim(0, max(bottom.max(), 1e-9) * 1.35)  # headroom: the legend never hides a bar
+    ax_time.legend(loc="upper right", ncol=3, fontsize=8)
 
     kept = np.array([r.get("tokens_kept") or 0 for r in runs], dtype=float)
     ax_tokens.bar(x, kept, color="#8172B2")
