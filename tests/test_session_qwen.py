@@ -329,3 +329,19 @@ def test_cacher_recomputing_everything_equals_no_cacher(arch):
     cached.add_frames(frames[:3], TIMES[:3])
     cached.add_frames(frames[3:], TIMES[3:6])
     torch.testing.assert_close(cached.question_logits(Q), plain.question_logits(Q), rtol=0, atol=1e-8)
+    stats = cached.stats()
+    assert stats["cacher_items"] == 3 and stats["cacher_references"] == 2  # items 0 and 2 of 3
+    assert stats["cacher_recompute_fraction"] == 1.0  # rho = 1 recomputes every token
+    assert "cacher_items" not in plain.stats()
+
+
+def test_cacher_stats_report_the_reused_work():
+    cacher_mod = pytest.importorskip("streampress.cacher")
+    m = tiny(ARCHS[0])
+    session = StreamingSession(m, cacher=cacher_mod.create_cacher(rho=0.25, interval=2))
+    session.add_frames(frames_for(m, 8), TIMES[:8])
+    stats = session.stats()
+    assert stats["cacher_items"] == 4 and stats["cacher_references"] == 2
+    assert 0.5 < stats["cacher_recompute_fraction"] < 1.0  # 2 full items + 2 partial of 4
+    session.reset()
+    assert session.stats()["cacher_items"] == 0

@@ -338,6 +338,11 @@ class StreamingSession:
         c.update(self._memory.stats())
         c["pruner"] = getattr(self.pruner, "name", None if self.pruner is None else type(self.pruner).__name__)
         c["memory"] = getattr(self._policy, "name", type(self._policy).__name__)
+        cacher_stats = getattr(self._cacher_state, "stats", None)
+        if cacher_stats is not None and hasattr(cacher_stats, "as_dict"):
+            # items encoded, references computed in full, scene-cut refreshes, and the
+            # fraction of (token, block) pairs the encoder actually computed
+            c.update({f"cacher_{k}": v for k, v in cacher_stats.as_dict().items()})
         return c
 
     @property
