@@ -4,7 +4,7 @@ For every clip (default: the clips in ../shared/data/videos, plus any paths give
 are decoded at ``--fps`` with PyAV, resized to ``--size`` x ``--size`` and patchified for a
 Qwen2.5-VL-7B-shaped vision encoder (hidden 1280, 16 heads, MLP 3420, window 112, patch 14,
 merge 2, output 3584) with RANDOM weights. On a CPU it keeps the first ``--depth`` blocks
-(default 8: window blocks 0-6 and full-attention block 7, the real encoder's first eighth),
+(default 16: the real encoder's first half, full attention at blocks 7 and 15),
 float32; on CUDA the whole encoder (depth 32, full attention at 7/15/23/31) in bfloat16.
 
 The stream is fed one temporal patch (2 frames) per call, as a streaming session does.
@@ -22,7 +22,7 @@ slows both alike. Reported per clip:
   pairs recomputed. Random weights give unrealistic key-similarity statistics, so the
   cosine figures show the mechanism, not the quality on a trained model.
 
-Usage: ``PYTHONPATH=src python benchmarks/vit_cache.py [VIDEO ...] [--depth 8] [--json out.json]``
+Usage: ``PYTHONPATH=src python benchmarks/vit_cache.py [VIDEO ...] [--depth 16] [--fps 2] [--json out.json]``
 (``--max-items 2`` for a quick check).
 """
 
@@ -166,9 +166,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("videos", nargs="*", type=Path, help="extra video files (default clips always included)")
     p.add_argument("--no-default-clips", action="store_true", help="only the videos given")
-    p.add_argument("--fps", type=float, default=1.0)
+    p.add_argument("--fps", type=float, default=2.0, help="sampling rate (default 2: Qwen2.5-VL's own video default)")
     p.add_argument("--size", type=int, default=448, help="frame side (multiple of 28)")
-    p.add_argument("--depth", type=int, default=None, help="encoder blocks (CPU default 8, CUDA 32)")
+    p.add_argument("--depth", type=int, default=None, help="encoder blocks (CPU default 16, CUDA 32)")
     p.add_argument("--fullatt", type=int, nargs="*", default=None,
                    help="full-attention block indexes (default: every 8th from 7, else the last block)")
     p.add_argument("--rho", type=float, default=0.25)
@@ -187,7 +187,7 @@ def main(argv=None) -> int:
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     torch.set_num_threads(args.threads)
-    depth = args.depth or (32 if cuda else 8)
+    depth = args.depth or (32 if cuda else 16)
     fullatt = args.fullatt if args.fullatt is not None else ([i for i in range(depth) if i % 8 == 7] or [depth - 1])
     videos = ([] if args.no_default_clips else sorted(VIDEOS.glob("*.mp4"))) + list(args.videos)
     if not videos:
