@@ -77,37 +77,21 @@ def policies(args) -> dict:
 def build_model(args):
     """``--model`` through ``load_model``; random Qwen architectures with ``--hidden`` > 0 get
     their LLM width reduced (head dim and KV heads kept, so KV bytes per token are real)."""
-    if not (args.model.startswith("random:qwen") and args.hidden):
-        kw = dict(num_layers=args.num_layers, vision_depth=args.vision_depth) if args.model.startswith("random:") else {}
-        if args.model.startswith("random:qwen"):
-            kw["min_pixels"] = args.size * args.size  # keep small frames small
-        return load_model(args.model, dtype=args.dtype, device=args.device, **kw)
-    from dataclasses import replace
-
-    from streampress.models.qwen import QwenAdapter
-    from streampress.models.qwen_preprocess import QwenVisionParams
-    from streampress.models.random_configs import build_config, build_random_model
-    from streampress.models.tokenizer import ByteTokenizer
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    tokenizer = ByteTokenizer()
-    config = build_config(args.model[len("random:"):], num_layers=args.num_layers, vision_depth=args.vision_depth,
-                          vocab_size=1024, tokenizer=tokenizer)
-    text = config.text_config
-    head_dim = text.hidden_size // text.num_attention_heads
-    if args.hidden % head_dim or args.hidden // head_dim < text.num_key_value_heads:
-        raise SystemExit(f"--hidden must be a multiple of the head dim {head_dim} with at least "
-                         f"{text.num_key_value_heads} heads, got {args.hidden}")
-    text.hidden_size, text.intermediate_size = args.hidden, 2 * args.hidden
-    text.num_attention_heads = args.hidden // head_dim
-    config.vision_config.out_hidden_size = args.hidden
-    model = build_random_model(config, dtype, device)
-    vc = config.vision_config
-    params = replace(QwenVisionParams.defaults(config.model_type), patch_size=vc.patch_size,
-                     merge_size=vc.spatial_merge_size, temporal_patch_size=vc.temporal_patch_size,
-                     min_pixels=args.size * args.size)
-    return QwenAdapter(model, tokenizer, params, name=f"{args.model} (hidden {args.hidden})")
+    kw = dict(num_layers=args.num_layers, vision_depth=args.vision_depth) if args.model.startswith("random:") else {}
+    narrow = args.model.startswith("random:qwen") and args.hidden
+    if args.model.startswith("random:qwen"):
+        kw["min_pixels"] = args.size * args.size  # keep small frames small
+    if narrow:
+        kw.update(hidden_size=args.hidden, vocab_size=1024)
+    try:
+        model = load_model(args.model, dtype=args.dtype, device=args.device, **kw)
+    except ValueError as exc:
+        if narrow and "hidden_size" in str(exc):
+            raise SystemExit(f"--hidden: {exc}") from exc
+        raise
+    if narrow:
+        model.name = f"{args.model} (hidden {args.hidden})"
+    return model
 
 
 class SharedEncoder:

@@ -43,11 +43,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 import streampress
+from streampress.models.qwen_preprocess import QwenVisionParams, normalize
+from streampress.models.qwen_preprocess import patchify as qwen_patchify
 
 VIDEOS = ROOT.parent / "shared" / "data" / "videos"
-MEAN = (0.48145466, 0.4578275, 0.40821073)  # Qwen2.5-VL image processor
-STD = (0.26862954, 0.26130258, 0.27577711)
-PATCH, TEMPORAL, MERGE = 14, 2, 2
+PARAMS = QwenVisionParams.defaults("qwen2_5_vl")  # Qwen2.5-VL image processor
+PATCH, TEMPORAL, MERGE = PARAMS.patch_size, PARAMS.temporal_patch_size, PARAMS.merge_size
 
 
 def decode(path: Path, fps: float, size: int) -> np.ndarray:
@@ -68,16 +69,13 @@ def decode(path: Path, fps: float, size: int) -> np.ndarray:
 
 
 def patchify(frames: np.ndarray) -> tuple[list[torch.Tensor], int, int]:
-    """Frames -> one ``pixel_values`` tensor per temporal patch (the HF processor's order)."""
+    """Frames -> one ``pixel_values`` tensor per temporal patch (the package's Qwen preprocessing)."""
     if len(frames) % TEMPORAL:
         frames = np.concatenate([frames, frames[-1:]])  # Qwen pads with the last frame
-    x = torch.from_numpy(frames).float().div_(255).permute(0, 3, 1, 2)
-    x = (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
-    f, c, hh, ww = x.shape
-    gt, gh, gw = f // TEMPORAL, hh // PATCH, ww // PATCH
-    x = x.reshape(gt, TEMPORAL, c, gh // MERGE, MERGE, PATCH, gw // MERGE, MERGE, PATCH)
-    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8).reshape(gt, gh * gw, c * TEMPORAL * PATCH * PATCH)
-    return list(x.unbind(0)), gh, gw
+    x = normalize(torch.from_numpy(frames).permute(0, 3, 1, 2), PARAMS)
+    pixel_values, grid = qwen_patchify(x, PARAMS)
+    gt, gh, gw = grid[0].tolist()
+    return list(pixel_values.view(gt, gh * gw, -1).unbind(0)), gh, gw
 
 
 def build_encoder(depth: int, fullatt: list[int], device, dtype):

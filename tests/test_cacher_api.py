@@ -11,6 +11,8 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
 import streampress
 from streampress.cacher import CacherState, StcCacher
 
+from _cacher_helpers import reinit
+
 
 @pytest.mark.parametrize("kw", [{"rho": 0}, {"rho": 1.5}, {"rho": -0.2}, {"rho": "0.5"}, {"rho": True},
                                 {"rho": float("nan")}, {"interval": 0}, {"interval": 2.0}, {"interval": True},
@@ -37,14 +39,6 @@ def test_defaults_and_params():
         c.attach(torch.nn.Linear(2, 2), state="s")
 
 
-def _reinit(model):
-    torch.manual_seed(1)
-    for mod in model.modules():
-        if hasattr(mod, "reset_parameters") and mod is not model:
-            mod.reset_parameters()
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def qwen_model():
     text = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 1, "num_attention_heads": 4,
@@ -54,7 +48,7 @@ def qwen_model():
                   "temporal_patch_size": 2, "window_size": 56, "fullatt_block_indexes": [1], "out_hidden_size": 64}
     cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=120, video_token_id=121,
                            vision_start_token_id=122)
-    return _reinit(Qwen2_5_VLModel(cfg))
+    return reinit(Qwen2_5_VLModel(cfg))
 
 
 def _snapshot(module):
@@ -115,7 +109,7 @@ def test_attach_to_llava_onevision_uses_its_feature_layer():
                 "num_attention_heads": 4, "num_key_value_heads": 2}
     cfg = LlavaOnevisionConfig(vision_config=vision, text_config=text, vision_feature_layer=-2,
                                vision_feature_select_strategy="full", image_token_index=120, video_token_index=121)
-    model = _reinit(LlavaOnevisionModel(cfg))
+    model = reinit(LlavaOnevisionModel(cfg))
     g = torch.Generator().manual_seed(0)
     base = torch.randn(3, 28, 28, generator=g)
     video = torch.stack([base, base + 0.5 * torch.randn(3, 28, 28, generator=g), base * 0.8])[None]

@@ -26,36 +26,29 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
 
 import streampress
 
+from _cacher_helpers import literal_block, reinit
+
 PATCH_DIM = 3 * 2 * 14 * 14
-
-
-def _reinit(model):
-    """Default PyTorch init (larger than HF's 0.02) so blocks are far from linear."""
-    torch.manual_seed(1)
-    for mod in model.modules():
-        if hasattr(mod, "reset_parameters") and mod is not model:
-            mod.reset_parameters()
-    return model.eval()
 
 
 def qwen25(window=56):
     cfg = Qwen2_5_VLVisionConfig(depth=3, hidden_size=32, num_heads=4, intermediate_size=48, patch_size=14,
                                  spatial_merge_size=2, temporal_patch_size=2, window_size=window,
                                  fullatt_block_indexes=[1], out_hidden_size=64)
-    return _reinit(Qwen2_5_VisionTransformerPretrainedModel._from_config(cfg))
+    return reinit(Qwen2_5_VisionTransformerPretrainedModel._from_config(cfg))
 
 
 def qwen3():
     cfg = Qwen3VLVisionConfig(depth=3, hidden_size=32, num_heads=4, intermediate_size=48, patch_size=14,
                               spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64,
                               num_position_embeddings=16, deepstack_visual_indexes=[0, 1])
-    return _reinit(Qwen3VLVisionModel._from_config(cfg))
+    return reinit(Qwen3VLVisionModel._from_config(cfg))
 
 
 def qwen2():
     cfg = Qwen2VLVisionConfig(depth=2, embed_dim=32, num_heads=4, mlp_ratio=2, patch_size=14,
                               spatial_merge_size=2, temporal_patch_size=2, hidden_size=64)
-    return _reinit(Qwen2VisionTransformerPretrainedModel._from_config(cfg))
+    return reinit(Qwen2VisionTransformerPretrainedModel._from_config(cfg))
 
 
 def moving_items(n, h, w, seed=0, change=0.25, amount=0.6):
@@ -188,26 +181,9 @@ def _oracle(model, items, h, w, rho, interval):
             q, k, v = blk.attn.qkv(u).reshape(t, 3, blk.attn.num_heads, -1).unbind(1)
             q, k = apply_rotary_pos_emb_vision(q, k, cos[:t], sin[:t])
             scores = torch.einsum("qhd,khd->hqk", q, k) * blk.attn.scaling
-            if is_ref:
-                a = blk.attn.proj(torch.einsum("hqk,khd->qhd", scores.masked_fill(~allowed, float("-inf"))
-                                               .softmax(-1), v).reshape(t, -1))
-                hh = x + a
-                m = blk.mlp(blk.norm2(hh))
-                refs[b] = {"k": k, "v": v, "a": a, "m": m}
-                x = hh + m
-                continue
-            r = refs[b]
-            sim = F.cosine_similarity(k.reshape(t, -1), r["k"].reshape(t, -1), dim=-1)
-            sel = sim.argsort()[:count]
-            v_t = r["v"].clone()
-            v_t[sel] = v[sel]
-            attn = torch.einsum("hqk,khd->qhd", scores.masked_fill(~allowed, float("-inf")).softmax(-1), v_t)
-            a_t = r["a"].clone()
-            a_t[sel] = blk.attn.proj(attn.reshape(t, -1))[sel]
-            hh = x + a_t
-            m_t = r["m"].clone()
-            m_t[sel] = blk.mlp(blk.norm2(hh))[sel]
-            x = hh + m_t
+            probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+            x, refs[b] = literal_block(x, k, v, probs, blk.attn.proj, lambda hh, blk=blk: blk.mlp(blk.norm2(hh)),
+                                       None if is_ref else refs[b], count)
         outs.append(x)
     return torch.cat(outs)
 

@@ -9,17 +9,15 @@ from transformers import SiglipVisionConfig, SiglipVisionModel
 
 import streampress
 
+from _cacher_helpers import literal_block, reinit
+
 
 @pytest.fixture(scope="module")
 def tower():
     cfg = SiglipVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
                              image_size=28, patch_size=7, vision_use_head=False)
     torch.manual_seed(1)
-    model = SiglipVisionModel._from_config(cfg)
-    for mod in model.modules():
-        if hasattr(mod, "reset_parameters") and mod is not model:
-            mod.reset_parameters()
-    return model.eval()
+    return reinit(SiglipVisionModel._from_config(cfg), seed=None)
 
 
 def frames(n, seed=0, change=0.3, amount=1.0):
@@ -77,23 +75,8 @@ def _oracle(model, px, rho, interval):
             u = layer.layer_norm1(x)
             q, k, v = (p(u).view(t, at.num_heads, -1) for p in (at.q_proj, at.k_proj, at.v_proj))
             probs = (torch.einsum("qhd,khd->hqk", q, k) * at.scale).softmax(-1)
-            if i % interval == 0:
-                a = at.out_proj(torch.einsum("hqk,khd->qhd", probs, v).reshape(t, -1))
-                h = x + a
-                m = layer.mlp(layer.layer_norm2(h))
-                refs[b] = {"k": k, "v": v, "a": a, "m": m}
-                x = h + m
-                continue
-            r = refs[b]
-            sel = F.cosine_similarity(k.reshape(t, -1), r["k"].reshape(t, -1), dim=-1).argsort()[:count]
-            v_t = r["v"].clone()
-            v_t[sel] = v[sel]
-            a_t = r["a"].clone()
-            a_t[sel] = at.out_proj(torch.einsum("hqk,khd->qhd", probs, v_t).reshape(t, -1))[sel]
-            h = x + a_t
-            m_t = r["m"].clone()
-            m_t[sel] = layer.mlp(layer.layer_norm2(h))[sel]
-            x = h + m_t
+            x, refs[b] = literal_block(x, k, v, probs, at.out_proj, lambda h, layer=layer: layer.mlp(layer.layer_norm2(h)),
+                                       None if i % interval == 0 else refs[b], count)
         outs.append(x)
     return torch.stack(outs)
 
@@ -145,3 +128,14 @@ def test_bad_input_keeps_state(tower):
         cacher.encode_siglip(tower, torch.zeros(3, 28, 28), state)
     assert state.stats.items == 1 and state.items_since_reference == 1
     assert all("forward" not in layer.__dict__ for layer in tower.encoder.layers)
+
+
+def test_one_frame_per_call(tower):
+    """A call of dependent frames only (SigLIP hands the blocks a transposed, non-contiguous view)."""
+    px = frames(4, seed=13)
+    cacher = streampress.create_cacher(rho=0.25, interval=2)
+    whole = cacher.encode_siglip(tower, px, cacher.new_state()).last_hidden_state
+    state = cacher.new_state()
+    got = torch.cat([cacher.encode_siglip(tower, px[i:i + 1], state).last_hidden_state for i in range(4)])
+    torch.testing.assert_close(got, whole, atol=1e-5, rtol=1e-5)
+    assert state.stats.references == 2

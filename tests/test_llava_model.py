@@ -16,16 +16,6 @@ from streampress.models.llava_onevision_preprocess import (
 SIZE = 70  # tiny vision tower: 70x70 input, 5x5 patches of 14, pooled to 3x3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine the
-    thread hand-offs of thousands of tiny ops cost more than the ops (10x measured)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def adapter():
     return streampress.load_model("random:llava-onevision-tiny", dtype=torch.float32, device="cpu")

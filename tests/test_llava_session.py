@@ -8,13 +8,12 @@ pooling and trailing ``image_newline``) with explicit 1-D position ids.
 from __future__ import annotations
 
 import contextlib
-import functools
 
+import _model_helpers
 import numpy as np
 import pytest
 import torch
-
-import streampress
+from _model_helpers import StandInPruner as TemporalPruner
 from streampress.memory import SlidingWindow
 from streampress.models.base import VISUAL, PositionState, TokenLayout, text_positions
 from streampress.session import StreamingSession
@@ -23,20 +22,9 @@ ARCH = "random:llava-onevision-tiny"
 QUESTION = "What moves?"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine the
-    thread hand-offs of thousands of tiny ops cost more than the ops (10x measured)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@functools.lru_cache(maxsize=None)
 def tiny(dtype: str = "float64"):
     """One tiny model per dtype and test process (adapters hold no stream state)."""
-    return streampress.load_model(ARCH, dtype=dtype, device="cpu")
+    return _model_helpers.tiny(ARCH, dtype)
 
 
 def frames(count: int, side: int = 56, seed: int = 0) -> np.ndarray:
@@ -44,34 +32,6 @@ def frames(count: int, side: int = 56, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     base = rng.integers(0, 256, size=(side, side * 2, 3), dtype=np.uint8)
     return np.stack([np.roll(base, 3 * k, axis=1)[:, :side] for k in range(count)])
-
-
-class TemporalPruner:
-    """A stateful stand-in pruner (slice-invariant, per the pruner contract): per grid keep
-    the ``keep`` tokens least similar to the same position in the stream's previous grid;
-    the stream's first grid keeps its ``keep`` tokens of largest norm."""
-
-    name = "temporal-stand-in"
-
-    def __init__(self, keep: int = 4):
-        self.keep = keep
-        self.params = {"keep": keep}
-        self.reset()
-
-    def reset(self):
-        self._prev = None
-
-    def __call__(self, grids):
-        t, h, w, d = grids.shape
-        x = grids.reshape(t, h * w, d).double()
-        prev = torch.cat([x[:1] if self._prev is None else self._prev[None], x[:-1]])
-        score = torch.nn.functional.cosine_similarity(x, prev, dim=-1)
-        if self._prev is None:
-            score[0] = -x[0].norm(dim=-1)
-        keep = torch.zeros(t, h * w, dtype=torch.bool)
-        keep.scatter_(1, score.argsort(dim=1)[:, : self.keep], True)
-        self._prev = x[-1]
-        return keep.reshape(t, h, w)
 
 
 @contextlib.contextmanager

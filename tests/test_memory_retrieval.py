@@ -18,7 +18,8 @@ import pytest
 import torch
 
 import streampress
-from _qwen_oracle import StandInPruner, frames_for, tiny
+from _model_helpers import StandInPruner, tiny
+from _qwen_oracle import frames_for
 from streampress.memory import QuestionInput, SlidingWindow
 from streampress.memory_retrieval import RetrievalMemory, attention_modules, block_scores, project_heads
 from streampress.models.base import text_positions

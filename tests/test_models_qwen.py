@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 
 import numpy as np
 import pytest
 import torch
 
-from _qwen_oracle import single_thread, ARCHS, one_shot_inputs, tiny, frames_for
+from _model_helpers import tiny
+from _qwen_oracle import ARCHS, one_shot_inputs, frames_for
 from streampress.models import list_families, list_random_architectures, load_model
 from streampress.models.base import VISUAL, PositionState
 from streampress.models.qwen import prompt_pieces
@@ -18,8 +18,6 @@ from streampress.models.qwen_preprocess import QwenVisionParams, preprocess_fram
 from streampress.models.random_configs import build_config
 from streampress.models.tokenizer import ByteTokenizer
 
-
-_one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)
 
 # ---- registry, configs, tokenizer ------------------------------------------------------------
 def test_registry_lists_families_and_random_archs():

@@ -9,6 +9,8 @@ import torch
 import streampress
 from streampress.pruners.mssavt import checkerboard
 
+from _pruner_helpers import config_ids, stream
+
 CONFIGS = [
     ("dtd", {"tau": 0.8}),
     ("dtd", {"keep_ratio": 0.3}),
@@ -26,22 +28,7 @@ CONFIGS = [
     ("random", {"keep_ratio": 0.3, "seed": 7}),
     ("uniform", {"keep_ratio": 0.3}),
 ]
-IDS = [f"{n}-{'-'.join(f'{k}={v}' for k, v in p.items())}" for n, p in CONFIGS]
-
-
-def stream(T, H=4, W=5, D=8, seed=0):
-    """Grids that share a direction (spatial similarity, varying with each token's scale) and
-    change over time at a per-token rate (temporal similarity from ~0.3 to ~1)."""
-    g = torch.Generator().manual_seed(seed)
-    common = torch.randn(D, generator=g)
-    scale = 0.5 + 2.5 * torch.rand(H, W, 1, generator=g)
-    rho = torch.rand(H, W, 1, generator=g)
-    u = torch.randn(H, W, D, generator=g)
-    out = []
-    for _ in range(T):
-        u = rho * u + (1 - rho**2).sqrt() * torch.randn(H, W, D, generator=g)
-        out.append(common + scale * u)
-    return torch.stack(out)
+IDS = config_ids(CONFIGS)
 
 
 def run_in_chunks(pruner, x, sizes):

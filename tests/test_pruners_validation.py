@@ -1,9 +1,14 @@
 """Bad grids raise a clear error and leave the pruner's stream state exactly as it was."""
 
+from functools import partial
+
 import pytest
 import torch
 
 import streampress
+
+import _pruner_helpers
+from _pruner_helpers import config_ids
 
 CONFIGS = [
     ("dtd", {"tau": 0.8}),
@@ -19,23 +24,9 @@ CONFIGS = [
     ("random", {"keep_ratio": 0.3, "seed": 3}),
     ("uniform", {"keep_ratio": 0.3}),
 ]
-IDS = [f"{n}-{'-'.join(f'{k}={v}' for k, v in p.items())}" for n, p in CONFIGS]
+IDS = config_ids(CONFIGS)
 TEMPORAL = {"dtd", "evs", "streaming_assistant"}
-
-
-def stream(T, H=3, W=4, D=6, seed=0):
-    """Grids that share a direction (spatial similarity, varying with each token's scale) and
-    change over time at a per-token rate (temporal similarity from ~0.3 to ~1)."""
-    g = torch.Generator().manual_seed(seed)
-    common = torch.randn(D, generator=g)
-    scale = 0.5 + 2.5 * torch.rand(H, W, 1, generator=g)
-    rho = torch.rand(H, W, 1, generator=g)
-    u = torch.randn(H, W, D, generator=g)
-    out = []
-    for _ in range(T):
-        u = rho * u + (1 - rho**2).sqrt() * torch.randn(H, W, D, generator=g)
-        out.append(common + scale * u)
-    return torch.stack(out)
+stream = partial(_pruner_helpers.stream, H=3, W=4, D=6)  # smaller grids than the shared default
 
 
 def bad_inputs(name):

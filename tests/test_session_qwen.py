@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from _qwen_oracle import single_thread, ARCHS, StandInPruner, frames_for, hf_last_logits, one_shot_inputs, tiny
+from _model_helpers import StandInPruner, tiny
+from _qwen_oracle import ARCHS, frames_for, hf_last_logits, one_shot_inputs
 from streampress.memory import SlidingWindow
 from streampress.models.base import VISUAL
 from streampress.session import StreamingSession
@@ -23,8 +24,6 @@ Q = "What happens in the video?"
 def _times(n, start=0.0, step=0.5):
     return [start + step * i for i in range(n)]
 
-
-_one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)
 
 # ---- oracle 1: keep-all session == HF one-shot forward -----------------------------------
 @pytest.mark.parametrize("arch", ARCHS + ["random:qwen2-vl-tiny"])

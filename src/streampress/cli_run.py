@@ -10,13 +10,12 @@ import json
 import math
 import time
 
+from streampress.bench.report import format_bytes, json_default
 from streampress.cli import Question, load_model, make_pruner, parse_memory, progress_bar
 
 
 def cmd_run(args) -> int:
-    import numpy as np
-
-    from streampress.video import open_video
+    from streampress.video import FrameBuffer, open_video
 
     started = time.perf_counter()
     questions = sorted(args.questions, key=lambda q: q.time)
@@ -27,17 +26,17 @@ def cmd_run(args) -> int:
     from streampress import StreamingSession, create_cacher
 
     model = load_model(args, args.model)
-    cacher = (create_cacher(rho=args.rho, interval=args.interval, refresh_threshold=args.refresh_threshold)
-              if args.cacher else None)
+    cacher_params = ({"rho": args.rho, "interval": args.interval, "refresh_threshold": args.refresh_threshold}
+                     if args.cacher else None)
+    cacher = create_cacher(**cacher_params) if cacher_params else None
     session = StreamingSession(model, pruner=pruner, cacher=cacher, memory=memory)
-    chunk = args.chunk_frames or model.frames_per_item
-    images, times, answers, seen, now = [], [], [], 0, 0.0
+    buffer = FrameBuffer(args.chunk_frames or model.frames_per_item)
+    answers, seen, now = [], 0, 0.0
 
     def flush():
-        nonlocal images, times
-        if images:
-            session.add_frames(np.stack(images), list(times))
-            images, times = [], []
+        batch = buffer.pop()
+        if batch is not None:
+            session.add_frames(*batch)
 
     def answer(q: Question, at_end: bool):
         flush()
@@ -63,10 +62,8 @@ def cmd_run(args) -> int:
         for frame in source:
             while questions and frame.timestamp > questions[0].time + 1e-9:
                 answer(questions.pop(0), at_end=False)
-            images.append(frame.image)
-            times.append(frame.timestamp)
             seen, now = seen + 1, frame.timestamp
-            if len(images) >= chunk:
+            if buffer.push(frame.image, frame.timestamp):
                 flush()
             progress.advance(task)
         flush()
@@ -77,10 +74,9 @@ def cmd_run(args) -> int:
     if args.json:
         print(json.dumps({"video": source.info._asdict(), "model": model.describe(),
                           "method": {"name": args.method or "dense", "params": pruner.params if pruner else {}},
-                          "cacher": {"rho": args.rho, "interval": args.interval,
-                                     "refresh_threshold": args.refresh_threshold} if cacher else None,
+                          "cacher": cacher_params,
                           "memory": args.memory, "fps": args.fps, "answers": answers, "stats": stats,
-                          "wall_seconds": wall}, indent=2, default=_json_value))
+                          "wall_seconds": wall}, indent=2, default=json_default))
     else:
         _print_stats(stats, wall)
     return 0
@@ -99,8 +95,6 @@ def _print_answer(r: dict) -> None:
 
 
 def _print_stats(stats: dict, wall: float) -> None:
-    from streampress.bench.report import format_bytes
-
     print("statistics:")
     for key, value in _flatten(stats):
         if key.endswith("bytes") and isinstance(value, (int, float)):
@@ -116,9 +110,4 @@ def _flatten(d: dict, prefix: str = ""):
         if isinstance(value, dict):
             yield from _flatten(value, f"{prefix}{key}.")
         else:
-            yield f"{prefix}{key}", _json_value(value) if hasattr(value, "tolist") else value
-
-
-def _json_value(value):
-    """JSON for numpy / torch values (scalars and arrays), else their text."""
-    return value.tolist() if hasattr(value, "tolist") else str(value)
+            yield f"{prefix}{key}", json_default(value) if hasattr(value, "tolist") else value

@@ -116,22 +116,23 @@ class MemoryStore:
         """Remove ``blocks`` from the cache; later blocks' offsets are updated."""
         if not blocks:
             return
-        length = self.length()
-        keep = torch.ones(length, dtype=torch.bool)
-        gone = {id(b) for b in blocks}
+        keep = torch.ones(self.length(), dtype=torch.bool)
         for b in blocks:
             keep[b.start:b.start + b.length] = False
         cache_select(self.cache, keep.nonzero().squeeze(1))
-        shift = torch.cumsum(~keep, 0)
-        kept_blocks = []
+        # Blocks are disjoint and in cache order: each kept block moves back by the
+        # tokens of the evicted blocks before it.
+        gone = {id(b) for b in blocks}
+        kept_blocks, removed = [], 0
         for b in self.blocks:
             if id(b) in gone:
+                removed += b.length
                 continue
-            b.start -= int(shift[b.start - 1]) if b.start > 0 else 0
+            b.start -= removed
             kept_blocks.append(b)
         self.blocks = kept_blocks
         self.evicted_items += len(blocks)
-        self.evicted_tokens += int((~keep).sum())
+        self.evicted_tokens += removed
 
     @contextmanager
     def answering(self, question: QuestionInput | None = None) -> Iterator[Any]:

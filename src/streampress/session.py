@@ -27,7 +27,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -123,7 +123,7 @@ class StreamingSession:
         self._counts = dict(frames=0, items=0, visual_tokens_seen=0, visual_tokens_kept=0, questions=0,
                             encode_seconds=0.0, prune_seconds=0.0, prefill_seconds=0.0, answer_seconds=0.0)
         layout, state = self.model.begin_stream(PositionState())
-        self._prefill(layout, None, None, None)
+        self._prefill(layout)
         self._state = state
 
     # ---- frames -----------------------------------------------------------------------
@@ -178,7 +178,7 @@ class StreamingSession:
         encoded = model.encode(batch, cacher_state=self._cacher_state, cacher=self.cacher)
         grids = encoded.grids
         t1 = self._clock()
-        n, hh, ww, dim = grids.shape
+        n, hh, ww, _ = grids.shape
         if self.pruner is not None:
             keep = self.pruner(grids)
             if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or tuple(keep.shape) != (n, hh, ww):
@@ -186,26 +186,23 @@ class StreamingSession:
                                  f"{getattr(keep, 'dtype', type(keep))} {tuple(getattr(keep, 'shape', ()))}")
         else:
             keep = torch.ones(n, hh, ww, dtype=torch.bool)
+        keep = keep.reshape(-1).cpu()
         t2 = self._clock()
         state = self._state.advanced(start_time=start_time)
-        layout, new_state = model.layout_items(state, times - start_time, (hh, ww))
-        if bool((layout.item < state.num_items).any()) or bool((layout.item >= state.num_items + n).any()):
-            raise ValueError("model adapter bug: layout_items must tag every token with its item index")
-        is_visual = layout.kinds == VISUAL
-        kept = ~is_visual | keep.reshape(-1).cpu()[layout.visual_index.clamp(min=0)]
-        vis_index = layout.visual_index[kept & is_visual]
-        extras = {k: v.reshape(n * hh * ww, *v.shape[3:])[vis_index.to(v.device)] for k, v in encoded.extras.items()}
-        self._prefill(layout, kept, grids.reshape(-1, dim), extras)
-        self._prefill_seconds_last = self._clock() - t2
-        # Commit: one block per item, in the order the chunk was laid out.
-        items = layout.item[kept]
+        rel = times - start_time
+        layout, new_state = model.layout_items(state, rel, (hh, ww))
         first_item = state.num_items
-        lengths = torch.bincount(items - first_item, minlength=n).tolist()
-        offset = self._memory.length() - int(kept.sum())
+        if bool((layout.item < first_item).any()) or bool((layout.item >= first_item + n).any()):
+            raise ValueError("model adapter bug: layout_items must tag every token with its item index")
+        run = layout.select((layout.kinds != VISUAL) | keep[layout.visual_index.clamp(min=0)])
+        offset = self._memory.length()
+        self._prefill(run, grids, encoded.extras)
+        t3 = self._clock()
+        # Commit: one block per item, in the order the chunk was laid out.
+        lengths = torch.bincount(run.item - first_item, minlength=n).tolist()
         blocks = []
-        for k, length in enumerate(lengths):
-            blocks.append(Block(first_item + k, float(times[k, 0] - start_time), float(times[k, -1] - start_time),
-                                offset, length))
+        for k, (length, t_start, t_end) in enumerate(zip(lengths, rel[:, 0].tolist(), rel[:, -1].tolist())):
+            blocks.append(Block(first_item + k, t_start, t_end, offset, length))
             offset += length
         self._memory.add_blocks(blocks)
         self._state = new_state
@@ -215,30 +212,32 @@ class StreamingSession:
         c["visual_tokens_kept"] += int(keep.sum())
         c["encode_seconds"] += t1 - t0
         c["prune_seconds"] += t2 - t1
-        c["prefill_seconds"] += self._prefill_seconds_last
+        c["prefill_seconds"] += t3 - t2
         self._grid_hw = (hh, ww)
 
-    def _prefill(self, layout: TokenLayout, kept: torch.Tensor | None, visual_rows: torch.Tensor | None,
-                 extras: dict | None) -> None:
-        """Embed the kept tokens of ``layout`` and run them into the cache (undone on failure)."""
+    def _prefill(self, layout: TokenLayout, grids: torch.Tensor | None = None,
+                 extras: dict | None = None) -> None:
+        """Embed the tokens of ``layout`` (the kept ones; visual rows taken from ``grids
+        [T, H', W', D]``, their ``extras`` pruned alike) and run them into the cache (undone
+        on failure)."""
         model = self.model
-        if kept is None:
-            kept = torch.ones(len(layout), dtype=torch.bool)
-        if not bool(kept.any()):  # everything pruned: nothing enters the cache
+        if not len(layout):  # everything pruned: nothing enters the cache
             return
-        is_visual = (layout.kinds == VISUAL)[kept]
-        ids = layout.input_ids[kept]
+        is_visual = layout.kinds == VISUAL
         device = model.device
-        embeds = torch.empty(int(kept.sum()), model.hidden_size, dtype=model.dtype, device=device)
-        text = ~is_visual
-        if bool(text.any()):
-            embeds[text.to(device)] = model.embed_text(ids[text]).to(embeds.dtype)
-        if bool(is_visual.any()):
-            rows = layout.visual_index[kept][is_visual]
-            embeds[is_visual.to(device)] = visual_rows[rows.to(visual_rows.device)].to(device, embeds.dtype)
+        embeds = torch.empty(len(layout), model.hidden_size, dtype=model.dtype, device=device)
+        text_at = (~is_visual).nonzero().squeeze(1)
+        visual_at = is_visual.nonzero().squeeze(1)
+        if text_at.numel():
+            embeds[text_at.to(device)] = model.embed_text(layout.input_ids[text_at]).to(embeds.dtype)
+        rows = layout.visual_index[visual_at]
+        if visual_at.numel():
+            embeds[visual_at.to(device)] = grids.flatten(0, 2)[rows.to(grids.device)].to(device, embeds.dtype)
+        if extras:
+            extras = {k: v.flatten(0, 2)[rows.to(v.device)] for k, v in extras.items()}
         length = self._memory.length()
         try:
-            model.forward(embeds, layout.positions[:, kept], self._memory.cache, visual_mask=is_visual,
+            model.forward(embeds, layout.positions, self._memory.cache, visual_mask=is_visual,
                           extras=extras, logits="none")
         except BaseException:
             self._memory.truncate(length)

@@ -30,7 +30,7 @@ from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 
-__all__ = ["Frame", "VideoError", "VideoInfo", "VideoSource", "open_video", "IMAGE_EXTENSIONS"]
+__all__ = ["Frame", "FrameBuffer", "VideoError", "VideoInfo", "VideoSource", "open_video", "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
@@ -106,15 +106,51 @@ class _Ticker:
         return True
 
 
+class FrameBuffer:
+    """Collects frames and hands them out as ``(images uint8 [k, H, W, 3], timestamps)`` batches.
+
+    The one chunking mechanism of the package: :meth:`VideoSource.chunks`, ``streampress run``
+    and the evaluation harness all feed sessions through it. :meth:`push` says when ``n``
+    frames are waiting; :meth:`pop` takes whatever is waiting (``None`` when nothing is).
+    """
+
+    def __init__(self, n: int):
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a positive int, got {n!r}")
+        self.n = n
+        self._images: list[np.ndarray] = []
+        self._times: list[float] = []
+
+    def push(self, image: np.ndarray, timestamp: float) -> bool:
+        """Add one frame; True when a full batch of ``n`` frames is waiting."""
+        self._images.append(image)
+        self._times.append(timestamp)
+        return len(self._images) >= self.n
+
+    def pop(self) -> tuple[np.ndarray, list[float]] | None:
+        """The waiting frames as one batch (and an empty buffer), or ``None`` when there are none."""
+        if not self._images:
+            return None
+        batch = np.stack(self._images), self._times
+        self._images, self._times = [], []
+        return batch
+
+
+def _positive_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1
+
+
+def _check_positive_number(name: str, value) -> None:
+    if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive number or None, got {value!r}")
+
+
 def _check_size(size) -> int | tuple[int, int] | None:
     if size is None:
         return None
-    if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
-        if size < 1:
-            raise ValueError(f"size must be a positive int (the longer side) or (width, height), got {size!r}")
+    if _positive_int(size):
         return int(size)
-    if (isinstance(size, (tuple, list)) and len(size) == 2
-            and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1 for v in size)):
+    if isinstance(size, (tuple, list)) and len(size) == 2 and all(_positive_int(v) for v in size):
         return int(size[0]), int(size[1])
     raise ValueError(f"size must be a positive int (the longer side) or (width, height), got {size!r}")
 
@@ -155,14 +191,11 @@ class VideoSource:
 
     def __init__(self, source, *, fps=None, max_frames=None, size=None, image_fps=None,
                  format=None, options=None, timeout=10.0):
-        if fps is not None and not (isinstance(fps, (int, float)) and math.isfinite(fps) and fps > 0):
-            raise ValueError(f"fps must be a positive number or None, got {fps!r}")
+        _check_positive_number("fps", fps)
         if max_frames is not None and (not isinstance(max_frames, int) or isinstance(max_frames, bool)
                                        or max_frames < 1):
             raise ValueError(f"max_frames must be a positive int or None, got {max_frames!r}")
-        if image_fps is not None and not (isinstance(image_fps, (int, float)) and math.isfinite(image_fps)
-                                          and image_fps > 0):
-            raise ValueError(f"image_fps must be a positive number or None, got {image_fps!r}")
+        _check_positive_number("image_fps", image_fps)
         self.fps = float(fps) if fps is not None else None
         self.max_frames = max_frames
         self.size = _check_size(size)
@@ -289,17 +322,13 @@ class VideoSource:
 
     def chunks(self, n: int) -> Iterator[tuple[np.ndarray, list[float]]]:
         """Yield ``(images uint8 [k, H, W, 3], timestamps)`` with ``k == n`` except maybe the last."""
-        if not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be a positive int, got {n!r}")
-        images, times = [], []
+        buffer = FrameBuffer(n)
         for frame in self:
-            images.append(frame.image)
-            times.append(frame.timestamp)
-            if len(images) == n:
-                yield np.stack(images), times
-                images, times = [], []
-        if images:
-            yield np.stack(images), times
+            if buffer.push(frame.image, frame.timestamp):
+                yield buffer.pop()
+        last = buffer.pop()
+        if last is not None:
+            yield last
 
     def _convert(self, frame) -> np.ndarray:
         width, height = self.info.width, self.info.height
@@ -316,11 +345,12 @@ class VideoSource:
         if container is None:
             container = self._open()
         stream = container.streams.video[0]
-        if not self.live:
+        live = self.live
+        if not live:
             stream.thread_type = "AUTO"  # frame threading: faster, adds latency only
         step = 1.0 / self.info.fps if self.info.fps else 0.0
         origin = None
-        if not self.live and stream.start_time is not None and stream.time_base is not None:
+        if not live and stream.start_time is not None and stream.time_base is not None:
             origin = float(stream.start_time * stream.time_base)
         ticker, index, emitted, last = _Ticker(self.fps), 0, 0, 0.0
         clock_start = time.monotonic()
@@ -328,8 +358,7 @@ class VideoSource:
             for frame in container.decode(stream):
                 t = frame.time
                 if t is None:  # no pts: extrapolate (files) or use the arrival time (live)
-                    t = (last + step if index else 0.0) if not self.live else time.monotonic() - clock_start
-                    t_rel = t
+                    t_rel = time.monotonic() - clock_start if live else (last + step if index else 0.0)
                 else:
                     if origin is None:
                         origin = t

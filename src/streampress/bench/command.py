@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import time
 
@@ -17,7 +18,7 @@ def _cacher_settings(args) -> dict | None:
     if args.cacher is False:
         return None
     try:
-        from streampress.cacher import create_cacher  # noqa: F401
+        importlib.import_module("streampress.cacher")
     except ImportError as exc:
         if args.cacher:
             raise ValueError(f"--cacher: the cacher is not available in this installation ({exc})") from None
@@ -36,11 +37,11 @@ def _frames(args) -> tuple[np.ndarray, list[float], str]:
         return frames, times, "synthetic (moving shapes, static stretch, generated in memory)"
     from streampress.video import open_video
 
-    source = open_video(args.video, fps=args.fps, max_frames=count, size=size)
-    decoded = list(source)
-    if not decoded:
+    with open_video(args.video, fps=args.fps, max_frames=count, size=size) as source:
+        batch = next(source.chunks(count), None)  # max_frames=count: one chunk holds them all
+    if batch is None:
         raise ValueError(f"{args.video}: no frames decoded")
-    return np.stack([f.image for f in decoded]), [f.timestamp for f in decoded], str(args.video)
+    return (*batch, str(args.video))
 
 
 def bench_command(args) -> int:

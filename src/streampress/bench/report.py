@@ -16,12 +16,13 @@ The baseline is the run named ``"dense"``; :func:`add_ratios` gives every run it
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
 
 __all__ = ["METRICS", "add_ratios", "render_markdown", "render_table", "plot", "write_report",
-           "format_bytes"]
+           "format_bytes", "json_default"]
 
 # (key, column title, unit); per-frame times are the mean over the stream's frames.
 METRICS = [
@@ -269,18 +270,15 @@ def write_report(result: dict, out_dir: str | Path) -> dict[str, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "bench.json", "md": out / "bench.md", "png": out / "bench.png"}
-    paths["json"].write_text(json.dumps(result, indent=2, default=_json_default) + "\n")
+    paths["json"].write_text(json.dumps(result, indent=2, default=json_default) + "\n")
     paths["md"].write_text(render_markdown(result))
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("matplotlib") is None:
         raise ImportError(f"bench.png needs matplotlib: pip install 'streampress[bench]' "
-                          f"({paths['json']} and {paths['md']} were written)") from None
+                          f"({paths['json']} and {paths['md']} were written)")
     plot(result, paths["png"])
     return paths
 
 
-def _json_default(value: Any):
-    if hasattr(value, "item"):  # numpy / torch scalars
-        return value.item()
-    return str(value)
+def json_default(value: Any):
+    """JSON for numpy / torch values (scalars and arrays), else their text."""
+    return value.tolist() if hasattr(value, "tolist") else str(value)

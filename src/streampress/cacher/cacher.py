@@ -50,18 +50,20 @@ class _CallContext:
         self.memo: dict = {}  # per-call facts the glue derives once (attention patterns)
 
     # ---- plan -----------------------------------------------------------------------
-    def _plan(self, x: torch.Tensor, parts, rope) -> torch.Tensor | None:
+    def _plan(self, x: torch.Tensor, parts, rope) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Decide per item: reference (full) or dependent of the latest reference.
 
-        Returns the first block's keys of all items when the refresh test computed them."""
+        Returns the first block's ``(LN1(x), keys)`` of all items when the refresh test
+        computed them."""
         n_items, t, dim = x.shape
         self.signature = (self.layout, t, dim, x.dtype, str(x.device), len(self.inst.blocks))
         self.stored = self.state.reference_for(self.inst.module, self.signature)
         since = self.state.items_since_reference if self.stored is not None else 0
         interval, thr = self.cacher.interval, self.cacher.refresh_threshold
-        keys0 = None
+        u0 = keys0 = None
         if thr is not None and (self.stored is not None or n_items > 1):
-            keys0 = project_keys(parts, x, rope)
+            u0 = parts.norm1(x)
+            keys0 = project_keys(parts, u0, rope)
         refs: list[int] = []
         current = 0 if self.stored is not None else None  # slot: 0 = stored, j = j-th reference of this call
         deps, slots = [], []
@@ -85,21 +87,28 @@ class _CallContext:
         self.refs, self.deps, self.slots = refs, deps, slots
         self.stats.references = len(refs)
         self.count = max(1, math.floor(self.cacher.rho * t))
+        # Index tensors, made once per call: items of each kind (only needed when a call
+        # mixes both) and, when dependents use different references, each one's row in the
+        # bank [stored (if used), this call's references].
         dev = x.device
-        self.ref_index = torch.tensor(refs, device=dev)
-        self.dep_index = torch.tensor(deps, device=dev)
-        return keys0
+        mixed = bool(refs and deps)
+        self.ref_index = torch.tensor(refs, device=dev) if mixed else None
+        self.dep_index = torch.tensor(deps, device=dev) if mixed else None
+        self.bank_uses_stored = 0 in slots
+        self.bank_index = None
+        if any(s != slots[0] for s in slots):
+            shift = 0 if self.bank_uses_stored else 1
+            self.bank_index = torch.tensor([s - shift for s in slots], device=dev)
+        return None if keys0 is None else (u0, keys0)
 
     def _dependent_refs(self, index: int, new: BlockRef | None) -> BlockRef:
         """Reference data for every dependent item at block ``index`` (leading dim 1 or B)."""
         stored = self.stored[index] if self.stored is not None else None
-        first = self.slots[0]
-        if all(s == first for s in self.slots):
+        if self.bank_index is None:  # one reference for all
+            first = self.slots[0]
             return stored if first == 0 else new.take(first - 1)
-        uses_stored = 0 in self.slots
-        bank = BlockRef.cat(([stored] if uses_stored else []) + [new])
-        shift = 0 if uses_stored else 1
-        return bank.take(torch.tensor([s - shift for s in self.slots], device=bank.k.device))
+        bank = BlockRef.cat(([stored] if self.bank_uses_stored else []) + [new])
+        return bank.take(self.bank_index)
 
     @staticmethod
     def _keep(new: BlockRef) -> BlockRef:
@@ -120,8 +129,12 @@ class _CallContext:
             raise RuntimeError(f"vision block {index} ran out of order (expected block {self.next_block})")
         glue = self.inst.glue
         x, rope, pattern = glue.unpack(args, kwargs, self.items, self.state, self.memo)
+        # One copy at most, at the first block (SigLIP's embeddings are a transposed view):
+        # every path below returns a contiguous output, and the selective path's in-place
+        # row scatters need contiguous storage.
+        x = x.contiguous()
         parts = self.inst.parts[index]
-        keys0 = self._plan(x, parts, rope) if index == 0 else None
+        prepared = self._plan(x, parts, rope) if index == 0 else None
         n_items, t, _ = x.shape
         new = None
         if self.refs:
@@ -132,9 +145,10 @@ class _CallContext:
                 y = y_ref
         if self.deps:
             x_dep = x if not self.refs else x.index_select(0, self.dep_index)
-            keys = keys0.index_select(0, self.dep_index) if keys0 is not None else None
+            if prepared is not None and self.refs:
+                prepared = tuple(p.index_select(0, self.dep_index) for p in prepared)
             y_dep, _ = selective_block(parts, x_dep, self._dependent_refs(index, new), rope, pattern,
-                                       self.count, keys=keys, buffer=self.state.buffer)
+                                       self.count, prepared=prepared, buffer=self.state.buffer)
             if not self.refs:
                 y = y_dep
             else:

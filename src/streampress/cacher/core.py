@@ -90,9 +90,6 @@ class BlockRef:
             return BlockRef(self.k[sl], self.v[sl], self.a[sl], self.m[sl])
         return BlockRef(self.k[index], self.v[index], self.a[index], self.m[index])
 
-    def detached_copy(self) -> BlockRef:
-        return BlockRef(self.k.clone(), self.v.clone(), self.a.clone(), self.m.clone())
-
     @staticmethod
     def cat(refs: list[BlockRef]) -> BlockRef:
         return BlockRef(*(torch.cat([getattr(r, f) for r in refs]) for f in "kvam"))
@@ -191,9 +188,9 @@ def dense_block(parts: BlockParts, x: Tensor, rope: Rope | None,
     return h + m, BlockRef(k, v, a, m)
 
 
-def project_keys(parts: BlockParts, x: Tensor, rope: Rope | None) -> Tensor:
-    """Keys (after RoPE) of every token: ``[I, T, D]`` -> ``[I, T, H, d]``."""
-    k = parts.k(parts.norm1(x))
+def project_keys(parts: BlockParts, u: Tensor, rope: Rope | None) -> Tensor:
+    """Keys (after RoPE) of every token from ``u = LN1(x)``: ``[I, T, D]`` -> ``[I, T, H, d]``."""
+    k = parts.k(u)
     return apply_rope(k, *rope) if rope is not None else k
 
 
@@ -216,22 +213,22 @@ def select_tokens(sim: Tensor, count: int) -> Tensor:
 
 
 def selective_block(parts: BlockParts, x: Tensor, ref: BlockRef, rope: Rope | None,
-                    pattern: AttentionPattern, count: int, keys: Tensor | None = None,
+                    pattern: AttentionPattern, count: int, prepared: tuple[Tensor, Tensor] | None = None,
                     buffer: Callable[[str, tuple, torch.dtype, torch.device], Tensor] | None = None,
                     ) -> tuple[Tensor, Tensor]:
-    """STC update of B dependent items ``x [B, T, D]`` against ``ref`` (leading dim B or 1).
+    """STC update of B dependent items ``x [B, T, D]`` (contiguous) against ``ref`` (leading dim B or 1).
 
-    ``keys``: this block's keys if already computed (the refresh test at the first block).
-    ``buffer(name, shape, dtype, device)``: optional reusable scratch tensor provider.
-    Returns ``(y [B, T, D], idx [B, count])``.
+    ``prepared``: ``(LN1(x), keys)`` of these items if already computed (the refresh test
+    at the first block). ``buffer(name, shape, dtype, device)``: optional reusable scratch
+    tensor provider. Returns ``(y [B, T, D], idx [B, count])``.
     """
-    # Embeddings can arrive non-contiguous (SigLIP's patch embedding is transposed); the
-    # in-place row scatters below work on flat views, which need contiguous storage.
-    x = x.contiguous()
     b, t, dim = x.shape
     hd, nh = parts.head_dim, parts.num_heads
-    u = parts.norm1(x)
-    k = keys if keys is not None else (apply_rope(parts.k(u), *rope) if rope is not None else parts.k(u))
+    if prepared is not None:
+        u, k = prepared
+    else:
+        u = parts.norm1(x)
+        k = project_keys(parts, u, rope)
     idx = select_tokens(key_similarity(k, ref.k), count)
     r = idx.shape[1]
     flat = (idx + (torch.arange(b, device=x.device) * t).unsqueeze(1)).reshape(-1)  # [B*r]
@@ -251,10 +248,11 @@ def selective_block(parts: BlockParts, x: Tensor, ref: BlockRef, rope: Rope | No
     attn = selective_attention(q_sel.view(b, r, nh, hd), k, v_mix, idx, pattern, parts.scale)
     a_sel = parts.out_proj(attn.reshape(b * r, nh * hd))
 
-    h = x + ref.a  # A~ = Aref outside the selection; residual always fresh
+    # Outside the selection y = (x + Aref) + Mref (residual always fresh); the selected rows
+    # are h_sel + M(h_sel) with h_sel = x + A_sel, written over them.
     h_sel = x.reshape(b * t, dim).index_select(0, flat) + a_sel
-    h.view(b * t, dim).index_copy_(0, flat, h_sel)
     m_sel = parts.mlp(parts.norm2(h_sel))
-    y = h + ref.m
+    y = x + ref.a
+    y.add_(ref.m)
     y.view(b * t, dim).index_copy_(0, flat, h_sel + m_sel)
     return y, idx

@@ -65,8 +65,6 @@ class QwenBlockParts:
 class QwenGlue:
     """Adapts a Qwen2.5-VL / Qwen3-VL vision tower to the cacher."""
 
-    family = "qwen"
-
     def __init__(self, module: nn.Module) -> None:
         self.module = module
 

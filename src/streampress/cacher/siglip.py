@@ -57,8 +57,6 @@ class SiglipBlockParts:
 class SiglipGlue:
     """Adapts a SigLIP vision tower to the cacher (one item = one frame)."""
 
-    family = "siglip"
-
     def __init__(self, module: nn.Module) -> None:
         self.module = module
 

@@ -7,6 +7,7 @@ end, or fails and leaves the state exactly as it was.
 
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass, field
 
@@ -109,9 +110,7 @@ class CacherState:
     def buffer(self, name: str, shape: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
         """A scratch tensor reused across blocks and calls (contents undefined)."""
         buf = self._buffers.get(name)
-        numel = 1
-        for n in shape:
-            numel *= n
+        numel = math.prod(shape)
         if buf is None or buf.dtype != dtype or buf.device != torch.device(device) or buf.numel() < numel:
             buf = self._buffers[name] = torch.empty(numel, dtype=dtype, device=device)
         return buf[:numel].view(shape)

@@ -8,8 +8,9 @@ The main ``streampress`` command dispatches its ``eval`` sub-command here throug
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+
+from streampress.cli import parse_param
 
 from .datasets import BENCHMARKS
 from .runner import MODES, EvalConfig, dry_run, evaluate
@@ -20,17 +21,6 @@ EXAMPLES = """examples:
       --model Qwen/Qwen2.5-VL-7B-Instruct --method streaming_assistant --keep-ratio 0.1 --out runs/sb
   torchrun --nproc-per-node 8 -m streampress.eval ovobench --annotations ... --videos DIR --model ...
 """
-
-
-def _param(text: str) -> tuple[str, object]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"--param: expected KEY=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
-    try:
-        parsed = json.loads(value)
-    except json.JSONDecodeError:
-        parsed = value
-    return key.strip(), parsed
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="checkpoint (hub id or folder) or random:NAME; required unless --dry-run")
     parser.add_argument("--method", default="none", help="pruning method (streampress list), or none")
     parser.add_argument("--keep-ratio", type=float, default=None, help="matched budget for the pruner")
-    parser.add_argument("--param", action="append", type=_param, default=[], metavar="KEY=VALUE",
+    parser.add_argument("--param", action="append", type=parse_param, default=[], metavar="KEY=VALUE",
                         help="native pruner parameter, e.g. --param tau=0.5 (repeatable)")
     parser.add_argument("--fps", type=float, default=1.0, help="frames sampled per second (default 1)")
     parser.add_argument("--mode", choices=MODES, default="stream",

@@ -19,11 +19,6 @@ def iter_frames(path: str | os.PathLike, fps: float | None) -> Iterator[tuple[np
     (None = every frame). Errors are :class:`streampress.video.VideoError` (a ValueError)."""
     from streampress.video import open_video
 
-    if fps is not None and not fps > 0:
-        raise ValueError(f"fps: expected a positive number or None, got {fps!r}")
-    source = open_video(str(path), fps=fps)
-    try:
+    with open_video(str(path), fps=fps) as source:  # checks fps; closing stops the decoder
         for frame in source:
-            yield frame.image, float(frame.timestamp)
-    finally:
-        source.close()
+            yield frame.image, frame.timestamp

@@ -24,9 +24,12 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
+
+from streampress.video import FrameBuffer
 
 from .datasets import Question
 from .prompts import build_prompt
@@ -67,27 +70,25 @@ class _Feeder:
 
     def __init__(self, session, chunk_frames: int, max_new_tokens: int, emit: Emit, session_key: str,
                  top_logits: int = 0):
-        self.session, self.chunk = session, chunk_frames
+        self.session = session
         self.max_new_tokens, self.emit, self.key = max_new_tokens, emit, session_key
         self.top_logits = top_logits
-        self.images: list[np.ndarray] = []
-        self.times: list[float] = []
+        self.buffer = FrameBuffer(int(chunk_frames))
         self.seen, self.last_time = 0, None
         self.mark = time.perf_counter()
 
     def push(self, image: np.ndarray, t: float) -> None:
-        self.images.append(image)
-        self.times.append(t)
-        if len(self.images) >= self.chunk:
+        if self.buffer.push(image, t):
             self.flush()
 
     def flush(self) -> None:
-        if not self.images:
+        batch = self.buffer.pop()
+        if batch is None:
             return
-        self.session.add_frames(np.stack(self.images), list(self.times))
-        self.seen += len(self.images)
-        self.last_time = self.times[-1]
-        self.images, self.times = [], []
+        images, times = batch
+        self.session.add_frames(images, times)
+        self.seen += len(times)
+        self.last_time = times[-1]
 
     def ask(self, q: Question) -> None:
         self.flush()
@@ -105,6 +106,18 @@ class _Feeder:
         info.update(elapsed_s=now - self.mark, stats=flat_stats(self.session))
         self.mark = now
         self.emit(q, text, info)
+
+
+@contextmanager
+def _iterating(frames: Frames) -> Iterator[Iterator]:
+    """An iterator over ``frames`` that is closed on leaving (a generator stops decoding at once)."""
+    it = iter(frames)
+    try:
+        yield it
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
 
 
 def run_stream(frames: Frames, todo: list[Question], stop_times: Iterable[float], session,
@@ -129,8 +142,7 @@ def run_stream(frames: Frames, todo: list[Question], stop_times: Iterable[float]
             feed.ask(todo[qi])
             qi += 1
 
-    it: Iterator = iter(frames)
-    try:
+    with _iterating(frames) as it:
         for image, ts in it:
             while si < len(stops) and stops[si] + EPS < ts:
                 feed.flush()
@@ -139,10 +151,6 @@ def run_stream(frames: Frames, todo: list[Question], stop_times: Iterable[float]
             if ts > last_needed + EPS:
                 break
             feed.push(image, ts)
-    finally:
-        close = getattr(it, "close", None)
-        if close is not None:
-            close()
     feed.flush()
     answer_upto(math.inf)
 
@@ -154,14 +162,9 @@ def run_clips(open_frames: Callable[[], Frames], todo: list[Question], new_sessi
     for q in sorted(todo, key=lambda q: (ask_time(q), q.qid)):
         feed = _Feeder(new_session(), chunk_frames, max_new_tokens, emit, f"{session_key}@{q.qid}", top_logits)
         limit = ask_time(q)
-        it: Iterator = iter(open_frames())
-        try:
+        with _iterating(open_frames()) as it:
             for image, ts in it:
                 if ts > limit + EPS:
                     break
                 feed.push(image, ts)
-        finally:
-            close = getattr(it, "close", None)
-            if close is not None:
-                close()
         feed.ask(q)

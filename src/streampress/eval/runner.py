@@ -130,11 +130,14 @@ def default_session_factory(cfg: EvalConfig, device: str) -> SessionFactory:
 
     torch.manual_seed(cfg.seed)  # the same random-weight model in every process
     model = streampress.load_model(cfg.model, dtype=cfg.dtype, device=device)
-    if cfg.method not in ("none", "full"):
-        streampress.create_pruner(cfg.method, **cfg.params)  # fail early on bad parameters
+
+    def new_pruner():
+        return None if cfg.method in ("none", "full") else streampress.create_pruner(cfg.method, **cfg.params)
+
+    new_pruner()  # fail early on bad parameters
 
     def make():
-        pruner = None if cfg.method in ("none", "full") else streampress.create_pruner(cfg.method, **cfg.params)
+        pruner = new_pruner()
         cacher = streampress.create_cacher(**cfg.cacher) if cfg.cacher else None
         memory = streampress.SlidingWindow(seconds=cfg.window) if cfg.window else "full"
         return streampress.StreamingSession(model, pruner=pruner, cacher=cacher, memory=memory)

@@ -113,7 +113,8 @@ def load_model(name_or_path: str, dtype=None, device=None, **kw):
     or a local checkpoint folder. ``dtype``: a torch dtype or its name ("bfloat16", ...);
     default float32 on CPU, bfloat16 on CUDA. ``device``: "cpu", "cuda", ... (default: CUDA
     when available). Extra keywords go to the family's adapter (e.g. ``num_layers``,
-    ``vision_depth`` for random architectures, ``min_pixels`` / ``max_pixels``).
+    ``vision_depth`` for random architectures, ``hidden_size`` to narrow a random Qwen LLM,
+    ``min_pixels`` / ``max_pixels``).
     """
     if not isinstance(name_or_path, str) or not name_or_path:
         raise TypeError(f"name_or_path must be a non-empty string, got {name_or_path!r}")

@@ -139,6 +139,11 @@ class TokenLayout:
             item=torch.full((n,), item, dtype=torch.long),
         )
 
+    def select(self, mask: torch.Tensor) -> "TokenLayout":
+        """The tokens where ``mask [L]`` (bool) is set, in sequence order."""
+        return TokenLayout(self.kinds[mask], self.input_ids[mask], self.positions[:, mask],
+                           self.visual_index[mask], self.item[mask])
+
     @staticmethod
     def cat(parts: Sequence["TokenLayout"]) -> "TokenLayout":
         return TokenLayout(
@@ -153,6 +158,34 @@ class TokenLayout:
 def text_positions(start: int, n: int, num_axes: int) -> torch.Tensor:
     """Positions ``[num_axes, n]`` of ``n`` consecutive text tokens from ``start`` (all axes equal)."""
     return (torch.arange(n, dtype=torch.long) + start).unsqueeze(0).expand(num_axes, n).clone()
+
+
+def resolve_dtype_device(dtype, device) -> tuple[torch.dtype, torch.device]:
+    """Defaults: CUDA when available; bfloat16 on CUDA, float32 elsewhere. ``dtype`` may be a
+    floating torch dtype or its name ("bfloat16", "torch.float32")."""
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.replace("torch.", ""), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch dtype or its name (e.g. 'bfloat16'), got {dtype!r}")
+    return dtype, device
+
+
+def positive_int(name: str, value) -> int:
+    """``value`` if it is a positive int (bools excluded), else ValueError naming ``name``."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def cacher_of(cacher_state: Any, cacher: Any) -> Any:
+    """The cacher that serves ``cacher_state`` (given, or the state's own ``cacher``)."""
+    cacher = cacher if cacher is not None else getattr(cacher_state, "cacher", None)
+    if cacher is None:
+        raise ValueError("cacher_state was given without its cacher")
+    return cacher
 
 
 class ModelAdapter(ABC):
@@ -221,9 +254,11 @@ class ModelAdapter(ABC):
         """``[L]`` int64 ids -> ``[L, D]`` embeddings (model dtype and device)."""
 
     # ---- language model -------------------------------------------------------------
-    @abstractmethod
     def new_cache(self) -> Any:
         """An empty KV cache (transformers ``DynamicCache``) for one stream."""
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.hf_model.config.text_config)
 
     @abstractmethod
     def forward(
@@ -243,6 +278,26 @@ class ModelAdapter(ABC):
         """
 
     # ---- conveniences shared by all families -----------------------------------------
+    def _text_run(self, state: PositionState, ids: Sequence[int]) -> tuple[TokenLayout, PositionState]:
+        """``ids`` laid out as text at ``state.next_position``, and the state after them."""
+        start, end = state.next_position, state.next_position + len(ids)
+        layout = TokenLayout.text(ids, text_positions(start, len(ids), self.position_axes))
+        return layout, state.advanced(next_position=end, max_position=max(state.max_position, end - 1))
+
+    def _run_language_model(self, embeds: torch.Tensor, position_ids: torch.Tensor, cache: Any, logits: str,
+                            **kwargs) -> torch.Tensor | None:
+        """The HF language model on ``embeds [L, D]`` at ``position_ids`` (the model's own
+        layout) appended to ``cache``, then ``lm_head`` as :meth:`forward` documents."""
+        if logits not in ("none", "last", "all"):
+            raise ValueError(f"logits must be 'none', 'last' or 'all', got {logits!r}")
+        out = self.hf_model.model.language_model(
+            inputs_embeds=embeds.to(self.device, self.dtype)[None], position_ids=position_ids.to(self.device),
+            past_key_values=cache, use_cache=True, **kwargs)
+        if logits == "none":
+            return None
+        hidden = out.last_hidden_state[0]
+        return self.hf_model.lm_head(hidden[-1] if logits == "last" else hidden).float()
+
     @property
     def device(self) -> torch.device:
         return next(self.hf_model.parameters()).device

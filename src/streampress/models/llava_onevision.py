@@ -25,7 +25,8 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from .base import VISUAL, EncodedItems, ModelAdapter, PositionState, TokenLayout, VisualBatch, text_positions
+from .base import (VISUAL, EncodedItems, ModelAdapter, PositionState, TokenLayout, VisualBatch, cacher_of,
+                   positive_int, resolve_dtype_device)
 from .llava_onevision_preprocess import (DEFAULT_PREFIX, DEFAULT_QUESTION, FramePreprocessor, as_frame_tensor,
                                          pooled_side, read_chat_template, split_chat_template)
 from .tokenizer import ByteTokenizer
@@ -56,12 +57,6 @@ _ARCHS = {
 ARCHS = tuple(_ARCHS)
 
 
-def _positive_int(name: str, value) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
 def build_config(arch: str, num_layers: int | None = None, vision_depth: int | None = None,
                  vocab_size: int | None = None, tokenizer: ByteTokenizer | None = None):
     """The ``LlavaOnevisionConfig`` of a built-in architecture, optionally cut to
@@ -78,11 +73,11 @@ def build_config(arch: str, num_layers: int | None = None, vision_depth: int | N
     text = dict(spec["text"], model_type="qwen2", tie_word_embeddings=False, use_sliding_window=False)
     text["rope_parameters"] = {"rope_type": "default", "rope_theta": text.pop("rope_theta")}
     if num_layers is not None:
-        text["num_hidden_layers"] = _positive_int("num_layers", num_layers)
+        text["num_hidden_layers"] = positive_int("num_layers", num_layers)
     if vision_depth is not None:
-        vision["num_hidden_layers"] = _positive_int("vision_depth", vision_depth)
+        vision["num_hidden_layers"] = positive_int("vision_depth", vision_depth)
     if vocab_size is not None:
-        text["vocab_size"] = _positive_int("vocab_size", vocab_size)
+        text["vocab_size"] = positive_int("vocab_size", vocab_size)
     tok = tokenizer or ByteTokenizer(LLAVA_SPECIAL_TOKENS)
     if tok.vocab_size > text["vocab_size"]:
         raise ValueError(f"vocab_size must be at least {tok.vocab_size} (the byte tokenizer's size), "
@@ -181,18 +176,6 @@ def encode_pixels(hf_model, pixel_values: torch.Tensor, hidden: torch.Tensor | N
     return pool_2x2(projected, config.vision_config.image_size // config.vision_config.patch_size)
 
 
-def _resolve_device_dtype(dtype, device) -> tuple[torch.device, torch.dtype]:
-    """Defaults: CUDA when available; float32 on CPU, bfloat16 elsewhere. Names accepted."""
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dtype is None:
-        dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype.replace("torch.", ""), None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating torch dtype or its name (e.g. 'bfloat16'), got {dtype!r}")
-    return device, dtype
-
-
 class LlavaOneVisionAdapter(ModelAdapter):
     """Adapter of LLaVA-OneVision (``model_type`` ``llava_onevision``) for streaming sessions.
 
@@ -233,12 +216,12 @@ class LlavaOneVisionAdapter(ModelAdapter):
                     max_context: int | None = None, attn_implementation: str = "sdpa") -> "LlavaOneVisionAdapter":
         """A built-in random-weight architecture (``llava-onevision-tiny`` / ``-7b``) with the
         byte-level tokenizer and the original LLaVA-OneVision chat template."""
-        device, dtype = _resolve_device_dtype(dtype, device)
+        dtype, device = resolve_dtype_device(dtype, device)
         tokenizer = ByteTokenizer(LLAVA_SPECIAL_TOKENS)
         config = build_config(arch, num_layers=num_layers, vision_depth=vision_depth, vocab_size=vocab_size,
                               tokenizer=tokenizer)
         if max_context is not None:
-            config.text_config.max_position_embeddings = _positive_int("max_context", max_context)
+            config.text_config.max_position_embeddings = positive_int("max_context", max_context)
         config._attn_implementation = attn_implementation
         model = build_random_model(config, dtype=dtype, device=device, seed=seed)
         size = config.vision_config.image_size
@@ -253,7 +236,7 @@ class LlavaOneVisionAdapter(ModelAdapter):
 
         if model_type != "llava_onevision":
             raise ValueError(f"model_type must be 'llava_onevision', got {model_type!r}")
-        device, dtype = _resolve_device_dtype(dtype, device)
+        dtype, device = resolve_dtype_device(dtype, device)
         model = LlavaOnevisionForConditionalGeneration.from_pretrained(
             name_or_path, dtype=dtype, attn_implementation=attn_implementation, **kw).to(device)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
@@ -284,10 +267,7 @@ class LlavaOneVisionAdapter(ModelAdapter):
         pixels = batch.pixel_values.to(self.device, self.dtype)
         hidden = None
         if cacher_state is not None:
-            cacher = cacher if cacher is not None else getattr(cacher_state, "cacher", None)
-            if cacher is None:
-                raise ValueError("cacher_state was given without its cacher")
-            out = cacher.encode_siglip(self.hf_model.model.vision_tower, pixels, cacher_state,
+            out = cacher_of(cacher_state, cacher).encode_siglip(self.hf_model.model.vision_tower, pixels, cacher_state,
                                        output_hidden_states=True)
             layer = self.hf_model.config.vision_feature_layer
             hs = out.hidden_states
@@ -296,10 +276,7 @@ class LlavaOneVisionAdapter(ModelAdapter):
 
     # ---- layout ---------------------------------------------------------------------
     def begin_stream(self, state: PositionState) -> tuple[TokenLayout, PositionState]:
-        n = len(self.prefix_ids)
-        layout = TokenLayout.text(self.prefix_ids, text_positions(state.next_position, n, 1))
-        end = state.next_position + n
-        return layout, state.advanced(next_position=end, max_position=max(state.max_position, end - 1))
+        return self._text_run(state, self.prefix_ids)
 
     def layout_items(self, state: PositionState, frame_times: torch.Tensor,
                      grid_hw: tuple[int, int]) -> tuple[TokenLayout, PositionState]:
@@ -349,28 +326,14 @@ class LlavaOneVisionAdapter(ModelAdapter):
         return torch.where(is_newline, self.hf_model.model.image_newline.to(embeds.dtype), embeds)
 
     # ---- language model -------------------------------------------------------------
-    def new_cache(self):
-        from transformers import DynamicCache
-
-        return DynamicCache(config=self.hf_model.config.text_config)
-
     @torch.no_grad()
     def forward(self, embeds: torch.Tensor, positions: torch.Tensor, cache: Any,
                 visual_mask: torch.Tensor | None = None, extras: Mapping[str, torch.Tensor] | None = None,
                 logits: str = "last") -> torch.Tensor | None:
-        if logits not in ("none", "last", "all"):
-            raise ValueError(f"logits must be 'none', 'last' or 'all', got {logits!r}")
         if embeds.ndim != 2 or positions.shape != (1, embeds.shape[0]):
             raise ValueError(f"expected embeds [L, D] and positions [1, L], got {tuple(embeds.shape)} "
                              f"and {tuple(positions.shape)}")
-        out = self.hf_model.model.language_model(
-            inputs_embeds=embeds.to(self.device, self.dtype)[None], position_ids=positions.to(self.device),
-            past_key_values=cache, use_cache=True)
-        if logits == "none":
-            return None
-        hidden = out.last_hidden_state[0]
-        hidden = hidden[-1] if logits == "last" else hidden
-        return self.hf_model.lm_head(hidden).float()
+        return self._run_language_model(embeds, positions, cache, logits)
 
 
 LlavaOnevisionAdapter = LlavaOneVisionAdapter

@@ -28,7 +28,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .base import EncodedItems, ModelAdapter, PositionState, TokenLayout, VISUAL, VisualBatch, text_positions
+from .base import (VISUAL, EncodedItems, ModelAdapter, PositionState, TokenLayout, VisualBatch, cacher_of,
+                   resolve_dtype_device, text_positions)
 from .qwen_preprocess import QwenVisionParams, preprocess_frames
 from .tokenizer import ByteTokenizer
 
@@ -75,17 +76,6 @@ def _load_chat_template(path: str) -> str | None:
     return None
 
 
-def _resolve(dtype, device) -> tuple[torch.dtype, torch.device]:
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, str):
-        if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise ValueError(f"dtype must be a torch dtype or its name, got {dtype!r}")
-        dtype = getattr(torch, dtype)
-    return dtype, device
-
-
 class QwenAdapter(ModelAdapter):
     """Qwen2-VL / Qwen2.5-VL / Qwen3-VL behind the :class:`ModelAdapter` protocol."""
 
@@ -104,7 +94,8 @@ class QwenAdapter(ModelAdapter):
         self.max_context = int(config.text_config.max_position_embeddings)
         self.tokens_per_second = float(getattr(config.vision_config, "tokens_per_second", None) or 2)
         self._qwen3 = self.family == "qwen3_vl"
-        self._prefix, self._question = prompt_pieces(tokenizer, self.family, chat_template)
+        prefix, self._question = prompt_pieces(tokenizer, self.family, chat_template)
+        self._prefix_ids = self.tokenize(prefix)
         self._ids = {t: tokenizer.convert_tokens_to_ids(t) for t in
                      ("<|vision_start|>", "<|vision_end|>", "<|im_end|>", "<|endoftext|>")}
         self._stop = frozenset(i for t, i in self._ids.items() if t in ("<|im_end|>", "<|endoftext|>")
@@ -114,15 +105,17 @@ class QwenAdapter(ModelAdapter):
     @classmethod
     def from_random(cls, arch: str, dtype=None, device=None, num_layers: int | None = None,
                     vision_depth: int | None = None, vocab_size: int | None = None, seed: int = 0,
-                    max_context: int | None = None, attn_implementation: str = "sdpa", **params):
+                    max_context: int | None = None, attn_implementation: str = "sdpa",
+                    hidden_size: int | None = None, **params):
         """A built-in random-weight architecture (:mod:`.random_configs`) with the byte tokenizer.
+        ``hidden_size`` narrows the LLM (see :func:`.random_configs.build_config`);
         ``params`` override preprocessing fields (e.g. ``min_pixels``, ``max_pixels``)."""
         from .random_configs import build_config, build_random_model
 
-        dtype, device = _resolve(dtype, device)
+        dtype, device = resolve_dtype_device(dtype, device)
         tokenizer = ByteTokenizer()
         config = build_config(arch, num_layers=num_layers, vision_depth=vision_depth, vocab_size=vocab_size,
-                              tokenizer=tokenizer)
+                              tokenizer=tokenizer, hidden_size=hidden_size)
         if max_context is not None:
             config.text_config.max_position_embeddings = int(max_context)
         config._attn_implementation = attn_implementation
@@ -141,7 +134,7 @@ class QwenAdapter(ModelAdapter):
         preprocessing parameters; ``params`` override preprocessing fields."""
         from transformers import AutoModelForImageTextToText, AutoTokenizer
 
-        dtype, device = _resolve(dtype, device)
+        dtype, device = resolve_dtype_device(dtype, device)
         model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype,
                                                             attn_implementation=attn_implementation)
         model.to(device).eval()
@@ -165,10 +158,7 @@ class QwenAdapter(ModelAdapter):
         pixel_values = batch.pixel_values.to(self.device, self.dtype)
         grid_thw = batch.grid_thw.to(self.device)
         if cacher_state is not None:
-            cacher = cacher if cacher is not None else getattr(cacher_state, "cacher", None)
-            if cacher is None:
-                raise ValueError("cacher_state was given without its cacher")
-            out = cacher.encode(visual, pixel_values, grid_thw, cacher_state)
+            out = cacher_of(cacher_state, cacher).encode(visual, pixel_values, grid_thw, cacher_state)
         else:
             out = visual(pixel_values, grid_thw=grid_thw)
         merged = out.pooler_output if hasattr(out, "pooler_output") else out
@@ -183,11 +173,7 @@ class QwenAdapter(ModelAdapter):
 
     # ---- layout -----------------------------------------------------------------------
     def begin_stream(self, state: PositionState) -> tuple[TokenLayout, PositionState]:
-        ids = self.tokenize(self._prefix)
-        start = state.next_position
-        layout = TokenLayout.text(ids, text_positions(start, len(ids), 3))
-        end = start + len(ids)
-        return layout, state.advanced(next_position=end, max_position=max(state.max_position, end - 1))
+        return self._text_run(state, self._prefix_ids)
 
     def layout_items(self, state: PositionState, frame_times: torch.Tensor,
                      grid_hw: tuple[int, int]) -> tuple[TokenLayout, PositionState]:
@@ -195,13 +181,13 @@ class QwenAdapter(ModelAdapter):
         hh, ww = grid_hw
         rows = torch.arange(hh).repeat_interleave(ww)
         cols = torch.arange(ww).repeat(hh)
-        items = torch.arange(state.num_items, state.num_items + n)
         if not self._qwen3:
+            items = torch.arange(state.num_items, state.num_items + n)
             start = state.next_position if state.video_start is None else state.video_start
             if self.family == "qwen2_5_vl":
                 dt = (frame_times[:, 0].to(torch.float64) * self.tokens_per_second).long()
             else:
-                dt = items.clone()
+                dt = items
             pos = torch.stack([
                 dt.repeat_interleave(hh * ww) + start,
                 rows.repeat(n) + start,
@@ -220,9 +206,9 @@ class QwenAdapter(ModelAdapter):
         vis_start, vis_end = self._ids["<|vision_start|>"], self._ids["<|vision_end|>"]
         cursor, parts = state.next_position, []
         span = max(hh, ww)
-        for k in range(n):
-            head = self.tokenize(f"<{float(mid[k]):.1f} seconds>") + [vis_start]
-            item = int(items[k])
+        for k, t in enumerate(mid.tolist()):
+            head = self.tokenize(f"<{t:.1f} seconds>") + [vis_start]
+            item = state.num_items + k
             parts.append(TokenLayout.text(head, text_positions(cursor, len(head), 3), item=item))
             s = cursor + len(head)
             parts.append(TokenLayout(
@@ -256,11 +242,6 @@ class QwenAdapter(ModelAdapter):
         return self.hf_model.get_input_embeddings()(ids.to(self.device))
 
     # ---- language model -------------------------------------------------------------
-    def new_cache(self):
-        from transformers import DynamicCache
-
-        return DynamicCache(config=self.hf_model.config.text_config)
-
     @torch.no_grad()
     def forward(self, embeds: torch.Tensor, positions: torch.Tensor, cache: Any,
                 visual_mask: torch.Tensor | None = None, extras: Mapping[str, torch.Tensor] | None = None,
@@ -270,17 +251,7 @@ class QwenAdapter(ModelAdapter):
         if self._qwen3 and deepstack is not None and visual_mask is not None and bool(visual_mask.any()):
             kwargs["visual_pos_masks"] = visual_mask.to(self.device)[None]
             kwargs["deepstack_visual_embeds"] = list(deepstack.to(self.device, self.dtype).unbind(1))
-        out = self.hf_model.model.language_model(
-            inputs_embeds=embeds.to(self.device, self.dtype)[None], position_ids=positions.to(self.device)[:, None],
-            past_key_values=cache, use_cache=True, **kwargs)
-        hidden = out.last_hidden_state[0]
-        if logits == "none":
-            return None
-        if logits == "last":
-            return self.hf_model.lm_head(hidden[-1:]).float()[0]
-        if logits == "all":
-            return self.hf_model.lm_head(hidden).float()
-        raise ValueError(f"logits must be 'none', 'last' or 'all', got {logits!r}")
+        return self._run_language_model(embeds, positions[:, None], cache, logits, **kwargs)
 
 
 def _override(params: QwenVisionParams, config, overrides: dict) -> QwenVisionParams:

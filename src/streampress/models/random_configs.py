@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from .base import positive_int
 from .tokenizer import ByteTokenizer
 
 _TINY_VOCAB = 512
@@ -25,20 +26,20 @@ _QWEN25_VISION = dict(depth=32, hidden_size=1280, num_heads=16, intermediate_siz
                       spatial_merge_size=2, temporal_patch_size=2, window_size=112, tokens_per_second=2,
                       fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu", in_channels=3)
 
+# What the released Qwen2.5-VL LLMs (3B and 7B) share.
+_QWEN25_TEXT = dict(max_position_embeddings=128000, rms_norm_eps=1e-6,
+                    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]})
+
 _ARCHS = {
     "qwen2.5-vl-7b": dict(
         model_type="qwen2_5_vl",
-        text=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                  num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=128000,
-                  rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
-                                                      "mrope_section": [16, 24, 24]}),
+        text=dict(_QWEN25_TEXT, vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                  num_attention_heads=28, num_key_value_heads=4),
         vision=dict(_QWEN25_VISION, out_hidden_size=3584), tie=False),
     "qwen2.5-vl-3b": dict(
         model_type="qwen2_5_vl",
-        text=dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-                  num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=128000,
-                  rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
-                                                      "mrope_section": [16, 24, 24]}),
+        text=dict(_QWEN25_TEXT, vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                  num_attention_heads=16, num_key_value_heads=2),
         vision=dict(_QWEN25_VISION, out_hidden_size=2048), tie=True),
     "qwen2.5-vl-tiny": dict(
         model_type="qwen2_5_vl",
@@ -71,19 +72,25 @@ _ARCHS = {
 ARCHS = tuple(_ARCHS)
 
 
-def _config_class(model_type: str):
-    if model_type == "qwen2_5_vl":
-        from transformers import Qwen2_5_VLConfig as cls
-    elif model_type == "qwen2_vl":
-        from transformers import Qwen2VLConfig as cls
-    else:
-        from transformers import Qwen3VLConfig as cls
-    return cls
+# model_type -> (config class, model class) in transformers.
+_CLASSES = {"qwen2_5_vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration"),
+            "qwen2_vl": ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration"),
+            "qwen3_vl": ("Qwen3VLConfig", "Qwen3VLForConditionalGeneration")}
+
+
+def _transformers_class(model_type: str, which: int):
+    import transformers
+
+    return getattr(transformers, _CLASSES[model_type][which])
 
 
 def build_config(arch: str, num_layers: int | None = None, vision_depth: int | None = None,
-                 vocab_size: int | None = None, tokenizer: ByteTokenizer | None = None):
-    """The HF config of a built-in architecture, optionally cut (see the module docstring)."""
+                 vocab_size: int | None = None, tokenizer: ByteTokenizer | None = None,
+                 hidden_size: int | None = None):
+    """The HF config of a built-in architecture, optionally cut (see the module docstring).
+
+    ``hidden_size`` narrows the LLM (and the merger's output) to that width with the same
+    head dim and KV heads (so KV bytes per token stay real) and an MLP of twice the width."""
     if arch not in _ARCHS:
         raise ValueError(f"unknown random architecture {arch!r}; expected one of {list(ARCHS)}")
     spec = _ARCHS[arch]
@@ -93,9 +100,16 @@ def build_config(arch: str, num_layers: int | None = None, vision_depth: int | N
                                      ("vision_depth", vision_depth, "depth", vision),
                                      ("vocab_size", vocab_size, "vocab_size", text)):
         if value is not None:
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-            target[key] = value
+            target[key] = positive_int(name, value)
+    if hidden_size is not None:
+        hidden_size = positive_int("hidden_size", hidden_size)
+        head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+        if hidden_size % head_dim or hidden_size // head_dim < text["num_key_value_heads"]:
+            raise ValueError(f"hidden_size must be a multiple of the head dim {head_dim} with at least "
+                             f"{text['num_key_value_heads']} heads, got {hidden_size}")
+        text.update(hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                    num_attention_heads=hidden_size // head_dim)
+        vision["hidden_size" if spec["model_type"] == "qwen2_vl" else "out_hidden_size"] = hidden_size
     if "fullatt_block_indexes" in vision:
         full = [i for i in vision["fullatt_block_indexes"] if i < vision["depth"]]
         vision["fullatt_block_indexes"] = full or [vision["depth"] - 1]
@@ -110,21 +124,11 @@ def build_config(arch: str, num_layers: int | None = None, vision_depth: int | N
                vision_end_token_id=tok.token_id("<|vision_end|>"))
     text.update(bos_token_id=tok.token_id("<|endoftext|>"), eos_token_id=tok.token_id("<|im_end|>"),
                 pad_token_id=tok.token_id("<|endoftext|>"))
-    cls = _config_class(spec["model_type"])
+    cls = _transformers_class(spec["model_type"], 0)
     config = cls(text_config=text, vision_config=vision, tie_word_embeddings=spec["tie"], **ids)
     if spec["tie"]:
         config.text_config.tie_word_embeddings = True
     return config
-
-
-def _model_class(model_type: str):
-    if model_type == "qwen2_5_vl":
-        from transformers import Qwen2_5_VLForConditionalGeneration as cls
-    elif model_type == "qwen2_vl":
-        from transformers import Qwen2VLForConditionalGeneration as cls
-    else:
-        from transformers import Qwen3VLForConditionalGeneration as cls
-    return cls
 
 
 @torch.no_grad()
@@ -139,7 +143,7 @@ def build_random_model(config, dtype: torch.dtype, device: torch.device, seed: i
     """
     from transformers.initialization import no_init_weights
 
-    cls = _model_class(config.model_type)
+    cls = _transformers_class(config.model_type, 1)
     t0 = time.perf_counter()
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)

@@ -150,6 +150,33 @@ class Pruner:
         return x if x.dtype == torch.float32 else x.float()
 
 
+class ThresholdPruner(Pruner):
+    """A method with one cosine-similarity threshold ``tau`` or, instead, a ``keep_ratio``.
+
+    Subclasses set ``default_tau`` and score every token (high = redundant); ``_keep``
+    turns the scores into the mask: ``score <= tau`` kept, or the ``ceil(keep_ratio*H*W)``
+    lowest per grid (a ``-inf`` score is never dropped in either mode).
+    """
+
+    default_tau: float
+
+    def __init__(self, *, tau: float | None = None, keep_ratio: float | None = None) -> None:
+        check_exclusive(keep_ratio, tau=tau)
+        if keep_ratio is None:
+            tau = check_threshold(self.default_tau if tau is None else tau, "tau")
+        else:
+            keep_ratio = check_keep_ratio(keep_ratio)
+        self.tau = tau
+        self.keep_ratio = keep_ratio
+        super().__init__(tau=tau, keep_ratio=keep_ratio)
+
+    def _keep(self, scores: torch.Tensor) -> torch.Tensor:
+        """Keep mask ``[T, H, W]`` from the redundancy ``scores [T, H, W]``."""
+        if self.keep_ratio is None:
+            return scores <= self.tau
+        return keep_lowest_per_grid(scores, self.keep_ratio)
+
+
 # --------------------------------------------------------------------- helpers
 def require_finite(reduction: torch.Tensor, grids: torch.Tensor) -> None:
     """Raise ValueError unless ``grids`` is all finite.
@@ -207,6 +234,19 @@ def keep_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
     keep = torch.zeros((T, N), dtype=torch.bool, device=scores.device)
     keep.scatter_(1, order, True)
     return keep | torch.isneginf(scores)
+
+
+def keep_lowest_per_grid(scores: torch.Tensor, keep_ratio: float) -> torch.Tensor:
+    """``keep_lowest`` on every grid of ``scores [T, H, W]`` with the budget
+    ``ceil(keep_ratio * H * W)``: bool ``[T, H, W]``."""
+    T, H, W = scores.shape
+    return keep_lowest(scores.reshape(T, H * W), ratio_budget(keep_ratio, H * W)).view(T, H, W)
+
+
+def token_budget(n: int, keep_ratio: float | None, tokens_per_grid: int | None) -> int:
+    """Tokens kept of an ``n``-token grid: ``min(tokens_per_grid, n)`` when a count is set,
+    else ``ratio_budget(keep_ratio, n)``."""
+    return ratio_budget(keep_ratio, n) if tokens_per_grid is None else min(tokens_per_grid, n)
 
 
 def ratio_budget(keep_ratio: float, n: int) -> int:

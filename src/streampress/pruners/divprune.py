@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Pruner, check_count, check_exclusive, check_keep_ratio, ratio_budget, unit_tokens
+from .base import Pruner, check_count, check_exclusive, check_keep_ratio, token_budget, unit_tokens
 
 DEFAULT_KEEP_RATIO = 0.25
 
@@ -59,8 +59,8 @@ class DivPrunePruner(Pruner):
     def _prune(self, x: torch.Tensor, state: None):
         T, H, W, D = x.shape
         N = H * W
-        k = ratio_budget(self.keep_ratio, N) if self.tokens_per_grid is None else min(self.tokens_per_grid, N)
         z = x.reshape(T, N, D)
         xn = unit_tokens(z)
         mean_dir = unit_tokens(z.mean(dim=1))
+        k = token_budget(N, self.keep_ratio, self.tokens_per_grid)
         return max_min_diverse(xn, mean_dir, k).view(T, H, W), None

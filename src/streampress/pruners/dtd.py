@@ -19,16 +19,7 @@ from typing import NamedTuple
 
 import torch
 
-from .base import (
-    Pruner,
-    check_exclusive,
-    check_keep_ratio,
-    check_threshold,
-    keep_lowest,
-    ratio_budget,
-    rowdot,
-    unit_tokens,
-)
+from .base import ThresholdPruner, rowdot, unit_tokens
 
 #: TimeChat-Online's conservative published operating point (drops ~45% of video tokens;
 #: tau = 0.25 drops ~85%).
@@ -82,7 +73,7 @@ def normalise_chunk(
     return xn, prev, PreviousGrid(last, prev)
 
 
-class DTDPruner(Pruner):
+class DTDPruner(ThresholdPruner):
     """Drop tokens that barely changed since the previous grid of the stream.
 
     Args:
@@ -94,26 +85,12 @@ class DTDPruner(Pruner):
 
     name = "dtd"
     fixed_grid_size = True
-
-    def __init__(self, *, tau: float | None = None, keep_ratio: float | None = None) -> None:
-        check_exclusive(keep_ratio, tau=tau)
-        if keep_ratio is None:
-            tau = check_threshold(DEFAULT_TAU if tau is None else tau, "tau")
-        else:
-            keep_ratio = check_keep_ratio(keep_ratio)
-        self.tau = tau
-        self.keep_ratio = keep_ratio
-        super().__init__(tau=tau, keep_ratio=keep_ratio)
+    default_tau = DEFAULT_TAU
 
     def _prune(self, x: torch.Tensor, state: PreviousGrid | None):
-        T, H, W, _ = x.shape
         xn, prev, state = normalise_chunk(x, state)
-        sim = temporal_similarity(xn, prev, self._work(x))
-        if self.keep_ratio is None:
-            keep = sim <= self.tau  # -inf (first grid) is always kept
-        else:
-            keep = keep_lowest(sim.view(T, H * W), ratio_budget(self.keep_ratio, H * W)).view(T, H, W)
-        return keep, state
+        # The first grid of a stream scores -inf: always kept.
+        return self._keep(temporal_similarity(xn, prev, self._work(x))), state
 
 
 class EVSPruner(DTDPruner):

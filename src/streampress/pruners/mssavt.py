@@ -23,16 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import (
-    Pruner,
-    check_exclusive,
-    check_keep_ratio,
-    check_threshold,
-    keep_lowest,
-    ratio_budget,
-    rowdot,
-    unit_tokens,
-)
+from .base import ThresholdPruner, rowdot, unit_tokens
 
 #: StreamingAssistant's spatial operating point (tau_s = 0.2, with tau_t = 0.2).
 DEFAULT_TAU = 0.2
@@ -62,7 +53,7 @@ def checkerboard(H: int, W: int, device: torch.device | str = "cpu") -> torch.Te
     return (h + w) % 2 == 1
 
 
-class MSSAVTPruner(Pruner):
+class MSSAVTPruner(ThresholdPruner):
     """Drop tokens nearly identical to a spatial neighbour, never two adjacent ones.
 
     Args:
@@ -73,28 +64,11 @@ class MSSAVTPruner(Pruner):
     """
 
     name = "mssavt"
-
-    def __init__(self, *, tau: float | None = None, keep_ratio: float | None = None) -> None:
-        check_exclusive(keep_ratio, tau=tau)
-        if keep_ratio is None:
-            tau = check_threshold(DEFAULT_TAU if tau is None else tau, "tau")
-        else:
-            keep_ratio = check_keep_ratio(keep_ratio)
-        self.tau = tau
-        self.keep_ratio = keep_ratio
-        super().__init__(tau=tau, keep_ratio=keep_ratio)
-
-    def _checkerboard(self, H: int, W: int, device: torch.device) -> torch.Tensor:
-        return self._cached(("checkerboard", H, W, device), lambda: checkerboard(H, W, device))
+    default_tau = DEFAULT_TAU
 
     def _prune(self, x: torch.Tensor, state: None):
-        T, H, W, _ = x.shape
+        _, H, W, _ = x.shape
         xn = unit_tokens(x, out=self._work(x, slot=1)[: x.numel()].view(x.shape))
         r = neighbour_similarity(xn, self._work(x))
-        board = self._checkerboard(H, W, x.device)
-        if self.keep_ratio is None:
-            keep = ~((r > self.tau) & board)
-        else:
-            scores = r.masked_fill(~board, _NEG_INF).view(T, H * W)
-            keep = keep_lowest(scores, ratio_budget(self.keep_ratio, H * W)).view(T, H, W)
-        return keep, None
+        board = self._cached(("checkerboard", H, W, x.device), lambda: checkerboard(H, W, x.device))
+        return self._keep(r.masked_fill(~board, _NEG_INF)), None  # off the board: never dropped

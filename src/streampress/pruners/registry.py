@@ -39,6 +39,13 @@ class MethodInfo:
 
 
 _KEEP_RATIO_ALT = "instead of the native rule: keep ceil(keep_ratio*H*W) tokens per grid"
+#: keep_ratio as the native budget of the baselines and DivPrune.
+_KEEP_RATIO = Param("keep_ratio", 0.25, "tokens kept per grid: ceil(keep_ratio*H*W)")
+#: The token budget of STC and VidCom2.
+_TOKENS_PER_GRID = (
+    Param("tokens_per_grid", 64, "tokens kept per grid"),
+    Param("keep_ratio", None, "instead of tokens_per_grid: keep ceil(keep_ratio*H*W) tokens per grid"),
+)
 
 METHODS: dict[str, MethodInfo] = {
     m.name: m
@@ -70,9 +77,8 @@ METHODS: dict[str, MethodInfo] = {
         ),
         MethodInfo(
             "stc", "stc", "STCPruner",
-            (Param("tokens_per_grid", 64, "tokens kept per grid"),
-             Param("keep_ratio", None, "instead of tokens_per_grid: keep ceil(keep_ratio*H*W) tokens per grid"),
-             Param("window", None, "memory holds the last `window` grid means (None: the whole stream)")),
+            _TOKENS_PER_GRID
+            + (Param("window", None, "memory holds the last `window` grid means (None: the whole stream)"),),
             "STC-Pruner: keeps the tokens least similar (multi-bandwidth Gaussian kernel on the D/2 "
             "lowest-variance channels) to their frame's mean and to the stream's memory of grid means.",
             "STC (Wang et al., 2025, arXiv:2512.00891)",
@@ -86,14 +92,13 @@ METHODS: dict[str, MethodInfo] = {
         ),
         MethodInfo(
             "vidcom2", "vidcom2", "VidCom2Pruner",
-            (Param("tokens_per_grid", 64, "tokens kept per grid"),
-             Param("keep_ratio", None, "instead of tokens_per_grid: keep ceil(keep_ratio*H*W) tokens per grid")),
+            _TOKENS_PER_GRID,
             "Frame distinctiveness: STC's kernel score against the frame's own mean only (no memory).",
             "VidCom2 (Liu et al., EMNLP 2025, arXiv:2505.14454)",
         ),
         MethodInfo(
             "divprune", "divprune", "DivPrunePruner",
-            (Param("keep_ratio", 0.25, "tokens kept per grid: ceil(keep_ratio*H*W)"),
+            (_KEEP_RATIO,
              Param("tokens_per_grid", None, "instead of keep_ratio: tokens kept per grid")),
             "Greedy max-min diversity on cosine distance, per grid, starting from the token farthest "
             "from the grid mean.",
@@ -101,14 +106,14 @@ METHODS: dict[str, MethodInfo] = {
         ),
         MethodInfo(
             "random", "random_pruner", "RandomPruner",
-            (Param("keep_ratio", 0.25, "tokens kept per grid: ceil(keep_ratio*H*W)"),
+            (_KEEP_RATIO,
              Param("seed", 0, "seed of the stream's draws (grid i uses a seed derived from (seed, i))")),
             "Uniformly random subset of exact size per grid (baseline).",
             "baseline",
         ),
         MethodInfo(
             "uniform", "uniform", "UniformPruner",
-            (Param("keep_ratio", 0.25, "tokens kept per grid: ceil(keep_ratio*H*W)"),),
+            (_KEEP_RATIO,),
             "Regular spatial sub-lattice (ordered-dither order; 1/4 = every second row and column), "
             "content-independent (baseline).",
             "baseline",

@@ -34,8 +34,8 @@ from .base import (
     check_exclusive,
     check_keep_ratio,
     keep_lowest,
-    ratio_budget,
     require_finite,
+    token_budget,
 )
 
 KERNEL_ALPHAS = (1 / 8, 1 / 4, 1 / 2, 1.0, 2.0)
@@ -152,11 +152,6 @@ class STCPruner(Pruner):
             params["window"] = window
         super().__init__(**params)
 
-    def _budget(self, n: int) -> int:
-        if self.keep_ratio is None:
-            return min(self.tokens_per_grid, n)
-        return ratio_budget(self.keep_ratio, n)
-
     def _prune(self, x: torch.Tensor, state):
         T, H, W, D = x.shape
         z = x.reshape(T, H * W, D)
@@ -165,7 +160,8 @@ class STCPruner(Pruner):
         require_finite(mean, x)
         memory, state = self._memory(mean, state) if self.uses_memory else (None, None)
         factors = self._cached(("kernel", x.device), lambda: kernel_factors(x.device))
-        keep = keep_lowest(redundancy_scores(z, var, memory, work, factors), self._budget(H * W))
+        k = token_budget(H * W, self.keep_ratio, self.tokens_per_grid)
+        keep = keep_lowest(redundancy_scores(z, var, memory, work, factors), k)
         return keep.view(T, H, W), state
 
     def _memory(self, mean: torch.Tensor, state):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Pruner, check_exclusive, check_keep_ratio, check_threshold, keep_lowest, ratio_budget
+from .base import Pruner, check_exclusive, check_keep_ratio, check_threshold, keep_lowest_per_grid
 from .dtd import PreviousGrid, normalise_chunk, temporal_similarity
 from .mssavt import checkerboard, neighbour_similarity
 
@@ -63,7 +63,7 @@ class StreamingAssistantPruner(Pruner):
         super().__init__(tau_t=tau_t, tau_s=tau_s, keep_ratio=keep_ratio)
 
     def _prune(self, x: torch.Tensor, state: PreviousGrid | None):
-        T, H, W, _ = x.shape
+        _, H, W, _ = x.shape
         xn, prev, state = normalise_chunk(x, state)
         work = self._work(x)
         sim = temporal_similarity(xn, prev, work)
@@ -72,6 +72,5 @@ class StreamingAssistantPruner(Pruner):
         if self.keep_ratio is None:
             keep = ~((sim > self.tau_t) | ((r > self.tau_s) & board))
         else:
-            redundancy = torch.maximum(sim, r.masked_fill(~board, _NEG_INF)).view(T, H * W)
-            keep = keep_lowest(redundancy, ratio_budget(self.keep_ratio, H * W)).view(T, H, W)
+            keep = keep_lowest_per_grid(torch.maximum(sim, r.masked_fill(~board, _NEG_INF)), self.keep_ratio)
         return keep, state
