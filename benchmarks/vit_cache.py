@@ -1,7 +1,9 @@
 """STC-Cacher benchmark: vision-encoder time per frame, dense vs cached, on real clips.
 
 For every clip (default: the clips in ../shared/data/videos, plus any paths given), frames
-are decoded at ``--fps`` with PyAV, resized to ``--size`` x ``--size`` and patchified for a
+are decoded at ``--fps`` with PyAV (``--sampling stream``: the first frame at or after each
+tick, as a live stream delivers them; ``--sampling qwen``: Qwen2.5-VL's own offline
+sampling, an even number of frames spread over the clip), resized to ``--size`` x ``--size`` and patchified for a
 Qwen2.5-VL-7B-shaped vision encoder (hidden 1280, 16 heads, MLP 3420, window 112, patch 14,
 merge 2, output 3584) with RANDOM weights. On a CPU it keeps the first ``--depth`` blocks
 (default 16: the real encoder's first half, full attention at blocks 7 and 15),
@@ -17,6 +19,9 @@ slows both alike. Reported per clip:
   reference, so on short clips the start weighs in (5 items at N = 2 have 3 references);
 * ``ratio (steady)``: one reference period of a long stream,
   ``(median reference + (N - 1) * median dependent) / (N * median dense)``;
+* ``reference / dense`` and ``dependent / dense``: median cached time of each kind of item
+  over the median dense time. A clip of I items has ceil(I / N) references, so its ratio
+  is about ``(R * reference + (I - R) * dependent) / I``;
 * cosine similarity of cached vs dense final features (merger output), mean over all
   tokens and over the dependent items' tokens only; the fraction of (token, block)
   pairs recomputed. Random weights give unrealistic key-similarity statistics, so the
@@ -51,18 +56,45 @@ PARAMS = QwenVisionParams.defaults("qwen2_5_vl")  # Qwen2.5-VL image processor
 PATCH, TEMPORAL, MERGE = PARAMS.patch_size, PARAMS.temporal_patch_size, PARAMS.merge_size
 
 
-def decode(path: Path, fps: float, size: int) -> np.ndarray:
-    """uint8 ``[F, size, size, 3]``: the first frame at or after each multiple of 1/fps s."""
+def decode(path: Path, fps: float, size: int, sampling: str = "stream") -> np.ndarray:
+    """uint8 ``[F, size, size, 3]`` frames of a clip sampled at ``fps``.
+
+    ``sampling="qwen"``: Qwen2.5-VL's own video sampling (qwen-vl-utils' ``smart_nframes``):
+    ``duration * fps`` frames floored to a multiple of the temporal patch (2), at least 4,
+    spread evenly over the clip (indices ``linspace(0, frames - 1, n)`` rounded), so a clip
+    is always a whole number of temporal patches. ``sampling="stream"``: what a streaming
+    session sees, the first frame at or after each tick ``k / fps`` (the clip's length is
+    not known in advance; an odd count is padded with the last frame in :func:`patchify`).
+    """
     import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        total = stream.frames or sum(1 for _ in container.decode(stream))
+        rate = float(stream.average_rate or 0) or None
+    wanted = None
+    if sampling == "qwen":
+        if rate is None or total < 1:
+            raise ValueError(f"{path}: frame rate or frame count unknown; use --sampling stream")
+        top = max(TEMPORAL, min(768, total) // TEMPORAL * TEMPORAL)
+        n = min(max(total / rate * fps, 4), top)
+        n = max(TEMPORAL, int(n // TEMPORAL) * TEMPORAL)
+        wanted = set(np.round(np.linspace(0, total - 1, n)).astype(int).tolist())
+    elif sampling != "stream":
+        raise ValueError(f"sampling must be 'qwen' or 'stream', got {sampling!r}")
 
     out, next_t = [], 0.0
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
-        for frame in container.decode(stream):
-            if frame.time is None or frame.time + 1e-6 < next_t:
+        for i, frame in enumerate(container.decode(stream)):
+            if wanted is not None:
+                if i not in wanted:
+                    continue
+            elif frame.time is None or frame.time + 1e-6 < next_t:
                 continue
+            else:
+                next_t += 1.0 / fps
             out.append(frame.reformat(width=size, height=size, format="rgb24").to_ndarray())
-            next_t += 1.0 / fps
     if not out:
         raise ValueError(f"no frames decoded from {path}")
     return np.stack(out)
@@ -146,10 +178,12 @@ def run_clip(model, cacher, items, gh, gw, device, timer) -> dict:
     steady = None
     if dep_t:
         steady = (statistics.median(ref_t) + (n - 1) * statistics.median(dep_t)) / (n * statistics.median(dense_t))
+    md = statistics.median(dense_t)
     return {
         "items": len(items), "frames": TEMPORAL * len(items), "references": len(ref_t),
         "dense_s": sum(dense_t), "cached_s": sum(cached_t), "ratio_clip": sum(cached_t) / sum(dense_t),
-        "ratio_steady": steady, "cos_mean": torch.cat(cos_all).mean().item(),
+        "ratio_steady": steady, "ref_over_dense": statistics.median(ref_t) / md,
+        "dep_over_dense": statistics.median(dep_t) / md if dep_t else None, "cos_mean": torch.cat(cos_all).mean().item(),
         "cos_dep_mean": torch.cat(cos_dep).mean().item() if cos_dep else None,
         "cos_min": torch.cat(cos_all).min().item(), "recompute_fraction": state.stats.recompute_fraction,
         "dense_item_s": dense_t, "cached_item_s": cached_t, "roles": roles,
@@ -165,6 +199,9 @@ def main(argv=None) -> int:
     p.add_argument("videos", nargs="*", type=Path, help="extra video files (default clips always included)")
     p.add_argument("--no-default-clips", action="store_true", help="only the videos given")
     p.add_argument("--fps", type=float, default=2.0, help="sampling rate (default 2: Qwen2.5-VL's own video default)")
+    p.add_argument("--sampling", choices=("stream", "qwen"), default="stream",
+                   help="stream (default): the first frame at or after each 1/fps tick, as a live stream delivers "
+                        "them; qwen: Qwen2.5-VL's own offline sampling (whole temporal patches spread over the clip)")
     p.add_argument("--size", type=int, default=448, help="frame side (multiple of 28)")
     p.add_argument("--depth", type=int, default=None, help="encoder blocks (CPU default 16, CUDA 32)")
     p.add_argument("--fullatt", type=int, nargs="*", default=None,
@@ -196,7 +233,7 @@ def main(argv=None) -> int:
 
     clips = []
     for path in videos:
-        items, gh, gw = patchify(decode(path, args.fps, args.size))
+        items, gh, gw = patchify(decode(path, args.fps, args.size, args.sampling))
         clips.append((path, items[: args.max_items] if args.max_items else items, gh, gw))
     _, warm, gh, gw = clips[0]  # warm-up: allocator, kernels, thread pool
     run_clip(model, cacher, warm[:2], gh, gw, device, timer)
@@ -213,18 +250,19 @@ def main(argv=None) -> int:
     total_c = sum(r["cached_s"] for r in results)
     lines = [
         (f"STC-Cacher, Qwen2.5-VL-7B vision encoder shapes, depth {depth} (full attention at {fullatt}), "
-        f"{args.size}x{args.size}, {args.fps:g} fps, {str(dtype).replace('torch.', '')}, {dev}, "
+        f"{args.size}x{args.size}, {args.fps:g} fps ({args.sampling} sampling), {str(dtype).replace('torch.', '')}, {dev}, "
         f"torch {torch.__version__}; rho={args.rho}, N={args.interval}, refresh={args.refresh_threshold}; "
         f"{'process CPU time' if args.cpu_time else 'wall clock'}, one temporal patch per call."),
         "",
         ("| clip | items (refs) | dense ms/frame | cached ms/frame | ratio (clip) | ratio (steady) "
-        "| cos mean | cos dependents | cos min | recomputed |"),
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| reference / dense | dependent / dense | cos mean | cos dependents | cos min | recomputed |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
             f"| {r['clip']} | {r['items']} ({r['references']}) | {1e3 * r['dense_s'] / r['frames']:.0f} "
             f"| {1e3 * r['cached_s'] / r['frames']:.0f} | {r['ratio_clip']:.3f} | {_fmt(r['ratio_steady'])} "
+            f"| {r['ref_over_dense']:.3f} | {_fmt(r['dep_over_dense'])} "
             f"| {r['cos_mean']:.4f} | {_fmt(r['cos_dep_mean'], '.4f')} | {r['cos_min']:.4f} "
             f"| {r['recompute_fraction']:.3f} |")
     steady = [r["ratio_steady"] for r in results if r["ratio_steady"] is not None]
@@ -235,7 +273,7 @@ def main(argv=None) -> int:
     print("\n".join(lines))
     if args.json:
         meta = {"device": dev, "torch": torch.__version__, "depth": depth, "fullatt": fullatt,
-                "size": args.size, "fps": args.fps, "dtype": str(dtype), "rho": args.rho,
+                "size": args.size, "fps": args.fps, "sampling": args.sampling, "dtype": str(dtype), "rho": args.rho,
                 "interval": args.interval, "refresh_threshold": args.refresh_threshold,
                 "timer": "cpu" if args.cpu_time else "wall", "weights": "random",
                 "ratio_total": total_c / total_d}

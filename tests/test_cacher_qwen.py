@@ -276,3 +276,60 @@ def test_grid_change_starts_a_new_reference():
     out = cacher.encode(model, small[0], torch.tensor([[1, 4, 8]]), state)
     _assert_same(out, run_dense(model, small, 4, 8))
     assert state.stats.references == 2
+
+
+def test_new_reference_frees_the_old_one_block_by_block():
+    model, h, w = qwen25(), 8, 8
+    items = moving_items(4, h, w, seed=5)
+    cacher = streampress.create_cacher(rho=0.25, interval=2)
+    _, state = run_cached(cacher, model, items[:2], h, w, chunks=[1, 1])
+    old = list(state._blocks)
+    seen = []
+    hooks = [blk.register_forward_pre_hook(lambda m, a, b=b: seen.append((b, [r is None for r in state._blocks])))
+             for b, blk in enumerate(model.blocks)]
+    try:
+        out = cacher.encode(model, items[2], torch.tensor([[1, h, w]]), state)  # item 2: a new reference
+    finally:
+        for hk in hooks:
+            hk.remove()
+    # entering block b, the old reference's blocks before b are already freed, the rest still held
+    assert seen == [(b, [j < b for j in range(len(model.blocks))]) for b in range(len(model.blocks))]
+    assert all(r is not None and r is not o for r, o in zip(state._blocks, old))
+    _assert_same(out, run_dense(model, items[2:3], h, w))
+    # a dependent call frees nothing and uses the new reference: same as the stream in one call
+    out3 = cacher.encode(model, items[3], torch.tensor([[1, h, w]]), state)
+    whole, _ = run_cached(cacher, model, items, h, w)
+    torch.testing.assert_close(out3.pooler_output, whole[0].pooler_output[-16:], atol=1e-5, rtol=1e-5)
+
+
+def test_failure_inside_the_tower_never_leaves_a_half_replaced_reference():
+    model, h, w = qwen25(), 8, 8
+    items = moving_items(4, h, w, seed=6)
+    cacher = streampress.create_cacher(rho=0.25, interval=2)
+    _, state = run_cached(cacher, model, items[:1], h, w)
+
+    def boom(*_):
+        raise RuntimeError("boom")
+
+    # a failing dependent call frees nothing: the reference and counters stay as they were
+    keys = [r.k.clone() for r in state._blocks]
+    hook = model.blocks[2].register_forward_pre_hook(boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        cacher.encode(model, items[1], torch.tensor([[1, h, w]]), state)
+    hook.remove()
+    assert state.items_since_reference == 1 and state.stats.items == 1
+    assert all(torch.equal(a, r.k) for a, r in zip(keys, state._blocks))
+
+    # a failing reference call (it had freed blocks 0 and 1) drops the reference whole
+    cacher.encode(model, items[1], torch.tensor([[1, h, w]]), state)
+    hook = model.blocks[2].register_forward_pre_hook(boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        cacher.encode(model, items[2], torch.tensor([[1, h, w]]), state)
+    hook.remove()
+    assert not state.has_reference and state.items_since_reference == 0
+    assert state.stats.items == 2 and state.stats.references == 1
+    # the next item is computed in full, and the stream goes on as a fresh one
+    out = cacher.encode(model, items[3], torch.tensor([[1, h, w]]), state)
+    _assert_same(out, run_dense(model, items[3:4], h, w))
+    assert state.stats.references == 2 and state.has_reference
+    assert all("forward" not in b.__dict__ for b in model.blocks)

@@ -155,6 +155,8 @@ class _CallContext:
                 y = torch.empty_like(x)
                 y.index_copy_(0, self.ref_index, y_ref)
                 y.index_copy_(0, self.dep_index, y_dep)
+        if self.refs:  # this call replaces the reference: its old block is no longer needed
+            self.state._release_block(index)
         self.stats.token_blocks += n_items * t
         self.stats.recomputed_token_blocks += len(self.refs) * t + len(self.deps) * min(self.count, t)
         self.next_block += 1
@@ -165,7 +167,9 @@ class _CallContext:
         if self.next_block == 0:
             return
         if self.next_block != n:
-            raise RuntimeError(f"the vision tower ran {self.next_block} of its {n} blocks; cacher state left unchanged")
+            self.state._abort()
+            raise RuntimeError(f"the vision tower ran {self.next_block} of its {n} blocks; "
+                               "cacher state not updated (a reference it had begun to replace is dropped)")
         blocks = list(self.pending) if self.refs else None
         self.state._commit(self.inst.module, self.signature, blocks, self.since_after, self.stats)
 
@@ -215,6 +219,9 @@ class _Installation:
         self.ctx = ctx
         try:
             yield ctx
+        except BaseException:
+            state._abort()
+            raise
         finally:
             self.ctx = None
         ctx.commit()  # only after the tower returned normally

@@ -2,7 +2,11 @@
 
 One :class:`CacherState` per stream (``cacher.new_state()``); nothing is shared between
 streams or kept at module level. A call either succeeds and commits its changes at the
-end, or fails and leaves the state exactly as it was.
+end, or fails. Bad input fails before any encoder block runs and leaves the state exactly
+as it was. A call that brings a new reference frees the old one block by block as soon as
+that block no longer needs it (so the old and new references never sit in memory
+together); if such a call fails inside the tower, the half-replaced reference is dropped
+whole and the stream's next item becomes a reference: the state is never inconsistent.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ class CacherState:
         self._signature: tuple | None = None
         self._module: weakref.ref | None = None
         self._since_ref: int = 0
+        self._released = False  # a running call freed part of the reference (see _release_block)
         self._patterns: dict[tuple, AttentionPattern] = {}
         self._buffers: dict[str, Tensor] = {}
         self.stats = CacherStats()
@@ -79,9 +84,24 @@ class CacherState:
     def items_since_reference(self) -> int:
         return self._since_ref
 
+    def _release_block(self, index: int) -> None:
+        """Free block ``index`` of the stored reference: the running call replaces the
+        reference and no longer needs that block (called by the cacher only)."""
+        if self._blocks is not None and self._blocks[index] is not None:
+            self._blocks[index] = None
+            self._released = True
+
+    def _abort(self) -> None:
+        """A call failed: drop a reference it had begun to free (called by the cacher only)."""
+        if self._released:
+            self._blocks = self._signature = self._module = None
+            self._since_ref = 0
+            self._released = False
+
     def _commit(self, module, signature: tuple, blocks: list[BlockRef] | None, since_ref: int,
                 stats: CacherStats) -> None:
         """Install the outcome of a successful call (called by the cacher only)."""
+        self._released = False
         if blocks is not None:
             self._blocks = blocks
             self._signature = signature
