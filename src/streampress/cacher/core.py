@@ -95,21 +95,22 @@ class BlockRef:
         return BlockRef(*(torch.cat([getattr(r, f) for r in refs]) for f in "kvam"))
 
 
-def _rotate_half(x: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def apply_rope(t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """2-D vision RoPE as the Qwen encoders apply it (in float32, cast back).
 
-    ``t [..., n, H, d]``, ``cos``/``sin`` ``[n, d]`` broadcast over heads.
+    ``t [..., n, H, d]``, ``cos``/``sin`` ``[n, d]`` broadcast over heads. The encoders compute
+    ``t * cos + rotate_half(t) * sin`` with ``rotate_half(t) = [-t2, t1]``; here that is one
+    product and two in-place multiply-adds on the halves (one new tensor instead of five).
     """
     dtype = t.dtype
     tf = t.float()
     cos = cos.unsqueeze(-2).float()
     sin = sin.unsqueeze(-2).float()
-    return ((tf * cos) + (_rotate_half(tf) * sin)).to(dtype)
+    half = tf.shape[-1] // 2
+    out = tf * cos
+    out[..., :half].addcmul_(tf[..., half:], sin[..., :half], value=-1)
+    out[..., half:].addcmul_(tf[..., :half], sin[..., half:])
+    return out.to(dtype)
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Tensor | None = None) -> Tensor:
