@@ -7,6 +7,7 @@ import torch
 
 from streampress.cacher.core import (
     AttentionPattern,
+    apply_rope,
     dense_attention,
     key_similarity,
     select_tokens,
@@ -70,3 +71,19 @@ def test_state_buffer_is_reused():
     assert c.shape == (10, 10)
     s.reset()
     assert not s.has_reference and s.stats.items == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_matches_the_qwen_encoders_rope(dtype):
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+
+    g = torch.Generator().manual_seed(3)
+    q, k = (torch.randn(2, 12, 4, 16, generator=g).to(dtype) for _ in range(2))
+    freqs = torch.randn(12, 8, generator=g)
+    emb = torch.cat([freqs, 0.5 * freqs], dim=-1)  # halves differ: checks each half's table is used
+    cos, sin = emb.cos(), emb.sin()
+    q_hf, k_hf = apply_rotary_pos_emb_vision(q, k, cos, sin)
+    atol = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(apply_rope(q, cos, sin), q_hf, atol=atol, rtol=0)
+    torch.testing.assert_close(apply_rope(k, cos, sin), k_hf, atol=atol, rtol=0)
+    assert apply_rope(q, cos, sin).dtype == dtype
