@@ -57,47 +57,35 @@ PATCH, TEMPORAL, MERGE = PARAMS.patch_size, PARAMS.temporal_patch_size, PARAMS.m
 
 
 def decode(path: Path, fps: float, size: int, sampling: str = "stream") -> np.ndarray:
-    """uint8 ``[F, size, size, 3]`` frames of a clip sampled at ``fps``.
+    """uint8 ``[F, size, size, 3]`` frames of a clip sampled at ``fps`` (read with the package's
+    :func:`~streampress.video.open_video`).
 
-    ``sampling="qwen"``: Qwen2.5-VL's own video sampling (qwen-vl-utils' ``smart_nframes``):
-    ``duration * fps`` frames floored to a multiple of the temporal patch (2), at least 4,
-    spread evenly over the clip (indices ``linspace(0, frames - 1, n)`` rounded), so a clip
-    is always a whole number of temporal patches. ``sampling="stream"``: what a streaming
-    session sees, the first frame at or after each tick ``k / fps`` (the clip's length is
-    not known in advance; an odd count is padded with the last frame in :func:`patchify`).
+    ``sampling="stream"``: what a streaming session sees, the first frame at or after each
+    tick ``k / fps`` (the clip's length is not known in advance; an odd count is padded with
+    the last frame in :func:`patchify`). ``sampling="qwen"``: Qwen2.5-VL's own video sampling
+    (qwen-vl-utils' ``smart_nframes``): ``duration * fps`` frames floored to a multiple of the
+    temporal patch (2), at least 4, spread evenly over the clip (indices
+    ``linspace(0, frames - 1, n)`` rounded), so a clip is always whole temporal patches.
     """
-    import av
+    from streampress.video import open_video
 
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        total = stream.frames or sum(1 for _ in container.decode(stream))
-        rate = float(stream.average_rate or 0) or None
-    wanted = None
-    if sampling == "qwen":
-        if rate is None or total < 1:
-            raise ValueError(f"{path}: frame rate or frame count unknown; use --sampling stream")
-        top = max(TEMPORAL, min(768, total) // TEMPORAL * TEMPORAL)
-        n = min(max(total / rate * fps, 4), top)
-        n = max(TEMPORAL, int(n // TEMPORAL) * TEMPORAL)
-        wanted = set(np.round(np.linspace(0, total - 1, n)).astype(int).tolist())
-    elif sampling != "stream":
+    if sampling == "stream":
+        with open_video(path, fps=fps, size=(size, size)) as source:
+            frames = [f.image for f in source]
+    elif sampling == "qwen":
+        with open_video(path, size=(size, size)) as source:
+            total, rate = source.info.frame_count, source.info.fps
+            if not total or not rate:
+                raise ValueError(f"{path}: frame rate or frame count unknown; use --sampling stream")
+            top = max(TEMPORAL, min(768, total) // TEMPORAL * TEMPORAL)
+            n = max(TEMPORAL, int(min(max(total / rate * fps, 4), top) // TEMPORAL) * TEMPORAL)
+            wanted = set(np.round(np.linspace(0, total - 1, n)).astype(int).tolist())
+            frames = [f.image for i, f in enumerate(source) if i in wanted]
+    else:
         raise ValueError(f"sampling must be 'qwen' or 'stream', got {sampling!r}")
-
-    out, next_t = [], 0.0
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        for i, frame in enumerate(container.decode(stream)):
-            if wanted is not None:
-                if i not in wanted:
-                    continue
-            elif frame.time is None or frame.time + 1e-6 < next_t:
-                continue
-            else:
-                next_t += 1.0 / fps
-            out.append(frame.reformat(width=size, height=size, format="rgb24").to_ndarray())
-    if not out:
+    if not frames:
         raise ValueError(f"no frames decoded from {path}")
-    return np.stack(out)
+    return np.stack(frames)
 
 
 def patchify(frames: np.ndarray) -> tuple[list[torch.Tensor], int, int]:

@@ -62,7 +62,6 @@ class CacherState:
         self._signature: tuple | None = None
         self._module: weakref.ref | None = None
         self._since_ref: int = 0
-        self._released = False  # a running call freed part of the reference (see _release_block)
         self._patterns: dict[tuple, AttentionPattern] = {}
         self._buffers: dict[str, Tensor] = {}
         self.stats = CacherStats()
@@ -87,21 +86,18 @@ class CacherState:
     def _release_block(self, index: int) -> None:
         """Free block ``index`` of the stored reference: the running call replaces the
         reference and no longer needs that block (called by the cacher only)."""
-        if self._blocks is not None and self._blocks[index] is not None:
+        if self._blocks is not None:
             self._blocks[index] = None
-            self._released = True
 
     def _abort(self) -> None:
         """A call failed: drop a reference it had begun to free (called by the cacher only)."""
-        if self._released:
+        if self._blocks is not None and any(b is None for b in self._blocks):
             self._blocks = self._signature = self._module = None
             self._since_ref = 0
-            self._released = False
 
     def _commit(self, module, signature: tuple, blocks: list[BlockRef] | None, since_ref: int,
                 stats: CacherStats) -> None:
         """Install the outcome of a successful call (called by the cacher only)."""
-        self._released = False
         if blocks is not None:
             self._blocks = blocks
             self._signature = signature

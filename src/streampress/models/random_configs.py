@@ -30,6 +30,11 @@ _QWEN25_VISION = dict(depth=32, hidden_size=1280, num_heads=16, intermediate_siz
 _QWEN25_TEXT = dict(max_position_embeddings=128000, rms_norm_eps=1e-6,
                     rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]})
 
+# The tiny LLM of every tiny architecture (Qwen3-VL adds its head dim and interleaved M-RoPE).
+_TINY_TEXT = dict(vocab_size=_TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1 << 20, rms_norm_eps=1e-6,
+                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2]})
+
 _ARCHS = {
     "qwen2.5-vl-7b": dict(
         model_type="qwen2_5_vl",
@@ -43,27 +48,19 @@ _ARCHS = {
         vision=dict(_QWEN25_VISION, out_hidden_size=2048), tie=True),
     "qwen2.5-vl-tiny": dict(
         model_type="qwen2_5_vl",
-        text=dict(vocab_size=_TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1 << 20,
-                  rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                                      "mrope_section": [4, 2, 2]}),
+        text=_TINY_TEXT,
         vision=dict(depth=2, hidden_size=32, num_heads=4, intermediate_size=64, patch_size=14,
                     spatial_merge_size=2, temporal_patch_size=2, window_size=112, tokens_per_second=2,
                     fullatt_block_indexes=[1], out_hidden_size=64, hidden_act="silu"), tie=False),
     "qwen2-vl-tiny": dict(
         model_type="qwen2_vl",
-        text=dict(vocab_size=_TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1 << 20,
-                  rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                                      "mrope_section": [4, 2, 2]}),
+        text=_TINY_TEXT,
         vision=dict(depth=2, embed_dim=32, num_heads=4, mlp_ratio=2, patch_size=14, spatial_merge_size=2,
                     temporal_patch_size=2, hidden_size=64), tie=False),
     "qwen3-vl-tiny": dict(
         model_type="qwen3_vl",
-        text=dict(vocab_size=_TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1 << 20,
-                  rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                                      "mrope_section": [4, 2, 2], "mrope_interleaved": True}),
+        text=dict(_TINY_TEXT, head_dim=16,
+                  rope_parameters=dict(_TINY_TEXT["rope_parameters"], mrope_interleaved=True)),
         vision=dict(depth=2, hidden_size=32, num_heads=4, intermediate_size=64, patch_size=16,
                     spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64,
                     num_position_embeddings=64, deepstack_visual_indexes=[0, 1]), tie=False),
