@@ -185,8 +185,20 @@ def test_small_k_cache_holds_prefix_chosen_blocks_and_window(arch):
     frames = video(m, 10 * m.frames_per_item, seed=3)
     full = StreamingSession(m)
     ret = StreamingSession(m, memory=RetrievalMemory(window_seconds=1.0, top_k=k))
-    for s in (full, ret):
-        feed(s, frames, [len(frames)])
+    modules = attention_modules(m.hf_model)
+    chunk_hidden = {}  # per layer: the hidden states the full session's video chunk enters with
+
+    def capture_chunk(module, args, kwargs):
+        chunk_hidden.setdefault(module.layer_idx, kwargs["hidden_states"])
+
+    handles = [mod.register_forward_pre_hook(capture_chunk, with_kwargs=True) for mod in modules]
+    chunk_start = full.memory.length()  # prompt prefix
+    try:
+        feed(full, frames, [len(frames)])
+    finally:
+        for h in handles:
+            h.remove()
+    feed(ret, frames, [len(frames)])
     store = ret.memory
     span = {b.item: (b.start, b.length) for b in full.memory.blocks}
     prefix = full.memory.blocks[0].start
@@ -195,9 +207,8 @@ def test_small_k_cache_holds_prefix_chosen_blocks_and_window(arch):
     captured = {}
 
     def capture(module, args, kwargs):  # registered before the store's hooks: sees the question input
-        captured.setdefault(module.layer_idx, (kwargs["hidden_states"], kwargs["position_embeddings"]))
+        captured.setdefault(module.layer_idx, kwargs["hidden_states"])
 
-    modules = attention_modules(m.hf_model)
     handles = [mod.register_forward_pre_hook(capture, with_kwargs=True) for mod in modules]
     q = question_input(ret)
     try:
@@ -222,21 +233,26 @@ def test_small_k_cache_holds_prefix_chosen_blocks_and_window(arch):
         torch.testing.assert_close(values[..., :prefix + chosen, :], torch.cat(parts_v, -2), rtol=0, atol=0)
         window = fk[..., fk.shape[-2] - (live_len - prefix):, :]
         assert torch.equal(keys[..., prefix + chosen:prefix + chosen + window.shape[-2], :], window)
-        # Independent choice: explicit query formula, summaries from the full cache, GQA by repeat.
-        hidden, (cos, sin) = captured[i]
+        # Independent choice (ReKV: no rotary embedding on either side): queries from the
+        # question's hidden states, block summaries = mean pre-RoPE keys recomputed from the
+        # hidden states the full session's prefill fed this layer; GQA by repeat.
         attn = modules[i]
-        x = attn.q_proj(hidden).view(1, n_q, -1, attn.head_dim)
-        x = (attn.q_norm(x) if hasattr(attn, "q_norm") else x).transpose(1, 2)
-        half = x.shape[-1] // 2
-        x = x * cos[:, None] + torch.cat([-x[..., half:], x[..., :half]], -1) * sin[:, None]
+
+        def heads(proj, norm, hidden):
+            x = proj(hidden).view(1, hidden.shape[1], -1, attn.head_dim)
+            return (norm(x) if norm is not None else x).transpose(1, 2)
+
+        x = heads(attn.q_proj, getattr(attn, "q_norm", None), captured[i])
+        raw_keys = heads(attn.k_proj, getattr(attn, "k_norm", None), chunk_hidden[i])[0]  # [KVH, chunk, d]
         blocks = [b for b in full.memory.blocks if b.item < store.offloaded[-1].first_item + 1]
-        summ = torch.stack([fk[0, :, b.start:b.start + b.length].mean(1) for b in blocks])  # [N, KVH, d]
+        summ = torch.stack([raw_keys[:, b.start - chunk_start:b.start - chunk_start + b.length].mean(1)
+                            for b in blocks])  # [N, KVH, d]
         rep = summ.repeat_interleave(x.shape[1] // summ.shape[1], dim=1)
         score = torch.einsum("hld,nhd->n", x[0], rep) / (x.shape[1] * n_q)
         assert sorted(score.topk(k).indices.tolist()) == picks[i]
-        # the query path is the attention's own: the same code on k_proj gives the cached question keys
-        torch.testing.assert_close(project_heads(attn, hidden, (cos, sin), "k"), keys[..., -n_q:, :],
-                                   rtol=0, atol=1e-12)
+        torch.testing.assert_close(store.summaries(i), summ.float(), rtol=1e-5, atol=1e-6)
+        # the query path is the attention's own (pre-RoPE): project_heads agrees with it
+        torch.testing.assert_close(project_heads(attn, captured[i], "q"), x, rtol=0, atol=0)
     assert any(p != list(range(k)) for p in picks) or n_off == k  # not just the first blocks
     # after answering: [prefix + window] again, offloaded blocks intact
     assert store.length() == live_len and len(store.offloaded) == n_off
@@ -347,3 +363,48 @@ def test_host_arena_slabs_hold_blocks_without_overlap():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="pin_memory=True needs CUDA"):
             RetrievalMemory(window_seconds=1, top_k=1, pin_memory=True).open(model(QWEN25))
+
+
+# ---- ReKV scoring: no rotary embedding on either side ------------------------------------------------
+@pytest.mark.parametrize("arch", [QWEN25, LLAVA])
+def test_identical_items_at_different_times_score_equally(arch):
+    """Items 1 and 4 show the same frames; at the first layer their tokens enter with the
+    same hidden states, so their summary keys and scores must be equal (before RoPE), and
+    only the position differs."""
+    m = model(arch)
+    frames = video(m, 8 * m.frames_per_item, seed=7)
+    fpi = m.frames_per_item
+    frames[4 * fpi:5 * fpi] = frames[1 * fpi:2 * fpi]
+    ret = StreamingSession(m, memory=RetrievalMemory(window_seconds=0.5, top_k=1))
+    feed(ret, frames, [len(frames)])
+    store = ret.memory
+    firsts = [b.first_item for b in store.offloaded]
+    a, b = firsts.index(1), firsts.index(4)
+    summ = store.summaries(0)
+    # the model's rotary tables are float32: turning back is exact to ~1e-7 relative
+    torch.testing.assert_close(summ[a], summ[b], rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(summ[a], summ[firsts.index(2)])  # other content, other summary
+    queries = torch.randn(1, modules_heads(m), 3, summ.shape[-1], dtype=torch.float64)
+    scores = block_scores(queries, summ)
+    assert abs(float(scores[a] - scores[b])) < 1e-6 * float(scores.abs().max())
+
+
+def modules_heads(m) -> int:
+    attn = attention_modules(m.hf_model)[0]
+    return attn.q_proj.out_features // attn.head_dim
+
+
+def test_our_forwards_use_the_models_current_cache_keyword():
+    """transformers 5.24 renamed the cache argument (``cache``) and warns on
+    ``past_key_values``: no forward of ours may trigger that deprecation."""
+    import warnings
+
+    m = model(QWEN25)
+    frames = video(m, 8, seed=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        s = StreamingSession(m, memory=RetrievalMemory(window_seconds=1.0, top_k=1))
+        feed(s, frames, [8])
+        s.ask(Q, max_new_tokens=2)
+    assert not [w for w in caught if "past_key_values" in str(w.message)]
+    assert s.stats()["retrieved_blocks_last"] == 1  # the retrieval hook fired

@@ -143,8 +143,9 @@ def literal_divprune(grids, k):
         Z = g.reshape(H * W, D)
         x = F.normalize(Z, dim=-1)
         dist = 1 - x @ x.T
-        to_mean = 1 - x @ F.normalize(Z.mean(dim=0), dim=0)
-        chosen = [int(torch.argmax(to_mean))]
+        # First: the token whose nearest *other* token is farthest (first in raster order on ties).
+        nearest_other = [min(float(dist[i, j]) for j in range(H * W) if j != i) if H * W > 1 else 0.0 for i in range(H * W)]
+        chosen = [max(range(H * W), key=lambda i: (nearest_other[i], -i))]
         while len(chosen) < k:
             best, best_i = -1.0, None
             for i in range(H * W):
@@ -161,9 +162,9 @@ def literal_divprune(grids, k):
 
 
 def test_divprune_hand_case():
-    # Angles 0, 10, 90, 180 degrees; mean direction ~50 degrees. Farthest from the mean:
-    # 180. Then the largest minimum distance: 0 (distance 2), then 90 (min distance 1,
-    # whereas 10 is only 1 - cos 10 from 0).
+    # Angles 0, 10, 90, 180 degrees. Nearest other token: 10, 10, 80 and 90 degrees away;
+    # start at 180. Then the largest minimum distance: 0 (distance 2), then 90 (min
+    # distance 1, whereas 10 is only 1 - cos 10 from 0).
     a = torch.tensor([0.0, 10.0, 90.0, 180.0]) * math.pi / 180
     x = torch.stack([a.cos(), a.sin()], dim=-1).view(1, 1, 4, 2)
     for k, expected in ((1, [0, 0, 0, 1]), (2, [1, 0, 0, 1]), (3, [1, 0, 1, 1]), (4, [1, 1, 1, 1])):
@@ -171,9 +172,30 @@ def test_divprune_hand_case():
         assert got.flatten().int().tolist() == expected, k
 
 
-def test_divprune_matches_literal_reference():
-    x = varied_stream(3, H=4, W=4, D=10, seed=11)
+def test_divprune_starts_from_the_most_isolated_token():
+    # Angles 0, 1, 2, 3 (a cluster), 90 (alone), 180, 181 (a pair). The grid mean points
+    # ~28 degrees, so 181 is the token farthest from the mean; but its nearest other token
+    # is 1 degree away, while 90's nearest (3) is 87 degrees away: DivPrune starts at 90.
+    # Then 181 (91 degrees from 90), then 0 (90 degrees from 90, 179 from 181).
+    a = torch.tensor([0.0, 1.0, 2.0, 3.0, 90.0, 180.0, 181.0]) * math.pi / 180
+    x = torch.stack([a.cos(), a.sin()], dim=-1).view(1, 1, 7, 2)
+    for k, expected in ((1, [4]), (2, [4, 6]), (3, [0, 4, 6])):
+        got = streampress.create_pruner("divprune", tokens_per_grid=k)(x)
+        assert got.flatten().nonzero().flatten().tolist() == expected, k
+
+
+def test_divprune_first_pick_ties_go_to_raster_order():
+    # Two identical pairs: every token's nearest other is at distance 0; token 0 starts,
+    # then the other pair's first token.
+    x = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]).view(1, 2, 2, 2)
+    assert streampress.create_pruner("divprune", tokens_per_grid=2)(x).flatten().tolist() == [True, False, True, False]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_divprune_matches_literal_reference(seed):
+    x = varied_stream(3, H=4, W=4, D=10, seed=11 + seed)
     assert torch.equal(streampress.create_pruner("divprune", keep_ratio=0.4)(x), literal_divprune(x, k=7))
+    assert torch.equal(streampress.create_pruner("divprune", tokens_per_grid=1)(x), literal_divprune(x, k=1))
 
 
 # --------------------------------------------------------------------- random

@@ -11,6 +11,9 @@ The session talks to the store only through these calls:
 
 - ``store.cache`` / ``store.length()``: the cache the next forward appends to;
 - ``store.truncate(length)``: undo a failed forward (cache back to ``length`` tokens);
+- ``mark = store.mark()`` / ``store.rollback(mark)``: undo everything a failed chunk (or a
+  question's temporary item) appended: cache tokens and blocks (``after_add`` is atomic:
+  it either evicts/offloads completely or leaves the store as it was);
 - ``store.add_blocks(blocks)``: record the items a successful forward appended;
 - ``store.after_add(now)``: eviction hook after each chunk (``now``: newest frame time);
 - ``with store.answering(question) as cache:``: the cache a question and its answer run
@@ -29,7 +32,7 @@ of every other token unchanged: eviction never moves the rest of the stream.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -58,11 +61,13 @@ def cache_truncate(cache, length: int) -> None:
 
 
 def cache_select(cache, index: torch.Tensor) -> None:
-    """Keep the tokens at ``index`` (int64, increasing) in every layer."""
-    for layer in _layers(cache):
-        idx = index.to(layer.keys.device)
-        layer.keys = layer.keys.index_select(-2, idx)
-        layer.values = layer.values.index_select(-2, idx)
+    """Keep the tokens at ``index`` (int64, increasing) in every layer (all layers or none:
+    the new tensors are built first, then installed)."""
+    layers = _layers(cache)
+    new = [(layer.keys.index_select(-2, i), layer.values.index_select(-2, i))
+           for layer in layers for i in [index.to(layer.keys.device)]]
+    for layer, (keys, values) in zip(layers, new):
+        layer.keys, layer.values = keys, values
 
 
 def cache_nbytes(cache) -> int:
@@ -71,15 +76,19 @@ def cache_nbytes(cache) -> int:
                for layer in _layers(cache))
 
 
-@dataclass
+@dataclass(frozen=True)
 class Block:
-    """One item's span in the cache: ``[start, start + length)``; times on the stream clock."""
+    """One item's span in the cache: ``[start, start + length)``; times on the stream clock;
+    ``positions [P, length]``: the RoPE positions its cached tokens were rotated with.
+    Immutable: stores replace blocks (``dataclasses.replace``) instead of editing them, so a
+    saved list of blocks stays valid."""
 
     item: int
     start_time: float
     end_time: float
     start: int
     length: int
+    positions: torch.Tensor | None = None
 
 
 @dataclass
@@ -109,6 +118,17 @@ class MemoryStore:
     def add_blocks(self, blocks: Sequence[Block]) -> None:
         self.blocks.extend(blocks)
 
+    def mark(self) -> tuple:
+        """What :meth:`rollback` returns to: the cache length, the blocks and the counters."""
+        return self.length(), list(self.blocks), self.evicted_items, self.evicted_tokens
+
+    def rollback(self, mark: tuple) -> None:
+        """Remove everything appended since ``mark`` (from :meth:`mark`; nothing may have
+        been evicted or offloaded since: ``after_add`` is the last step of a chunk)."""
+        length, blocks, self.evicted_items, self.evicted_tokens = mark
+        self.truncate(length)
+        self.blocks = list(blocks)
+
     def after_add(self, now: float) -> None:
         """Eviction hook, called after each chunk; the full memory keeps everything."""
 
@@ -128,8 +148,7 @@ class MemoryStore:
             if id(b) in gone:
                 removed += b.length
                 continue
-            b.start -= removed
-            kept_blocks.append(b)
+            kept_blocks.append(replace(b, start=b.start - removed) if removed else b)
         self.blocks = kept_blocks
         self.evicted_items += len(blocks)
         self.evicted_tokens += removed

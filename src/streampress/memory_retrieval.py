@@ -4,23 +4,28 @@ A :class:`RetrievalMemory` policy keeps the live KV cache at [prompt prefix + re
 window]. After each chunk (``after_add``), items older than ``window_seconds`` move, in
 blocks of ``block_items`` consecutive items, from the live cache to CPU memory (pinned
 when the cache is on CUDA, so that fetching them back is an asynchronous copy). Each
-offloaded block keeps, per layer, a *summary key*: the mean of its cached keys per KV head,
-computed once when it is offloaded.
+offloaded block keeps, per layer, a *summary key*: the mean of its keys per KV head
+*before RoPE*, computed once when it is offloaded (the cached keys rotated back with the
+positions they were rotated with, using the model's own rotary module).
 
 When a question arrives, every decoder layer chooses its own top-k blocks: a forward
 pre-hook on the layer's self-attention (installed only while answering, always removed)
 computes the question's query states from the hidden states the layer receives (the
-layer's own ``q_proj``, ``q_norm`` where the model has one (Qwen3), and RoPE with the
-position embeddings the model computed for the question's positions), scores each block by
-the mean over question tokens and query heads of ``q . summary`` of the matching KV head,
-and writes that layer's cache as [prefix + chosen blocks in stream order + window] before
-the attention appends the question's keys. The attention mask the model built for the
-live length is widened to the layer's length (all past tokens visible, the question
-causal). The choice is kept for the generated answer tokens (one retrieval per question).
-On exit every layer returns to [prefix + window]; offloaded blocks stay where they are, so
-the stream continues. Blocks keep their original positions: RoPE is baked into the cached
-keys and nothing is re-rotated, so with k large enough to fetch every block the question
-sees exactly the full cache.
+layer's own ``q_proj`` and ``q_norm`` where the model has one (Qwen3), before RoPE),
+scores each block by the mean over question tokens and query heads of ``q . summary`` of
+the matching KV head, and writes that layer's cache as [prefix + chosen blocks in stream
+order + window] before the attention appends the question's keys. As in ReKV, queries and
+summaries are compared without rotary embeddings, so a block's score does not depend on
+how long ago it was seen (two identical inputs at different times score equally). The
+hook recognises the session's own forward by the identity of the cache object it is
+handed, whatever the keyword (``past_key_values`` before transformers 5.24, ``cache``
+after). The attention mask the model built for the live length is widened to the layer's
+length (all past tokens visible, the question causal). The choice is kept for the
+generated answer tokens (one retrieval per question). On exit every layer returns to
+[prefix + window]; offloaded blocks stay where they are, so the stream continues. Blocks
+keep their original positions: RoPE is baked into the cached keys and nothing is
+re-rotated, so with k large enough to fetch every block the question sees exactly the
+full cache.
 
 Everything belongs to the per-stream :class:`RetrievalStore`; the policy object holds only
 configuration.
@@ -30,7 +35,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
 
 import torch
@@ -38,7 +43,7 @@ import torch
 from .memory import Block, MemoryStore, QuestionInput, cache_nbytes
 
 __all__ = ["RetrievalMemory", "RetrievalStore", "OffloadedBlock", "block_scores", "project_heads",
-           "attention_modules"]
+           "unrotate", "attention_modules"]
 
 
 # ---- model plumbing ------------------------------------------------------------------------
@@ -66,20 +71,25 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def project_heads(attn, hidden: torch.Tensor, position_embeddings, kind: str = "q") -> torch.Tensor:
+def project_heads(attn, hidden: torch.Tensor, kind: str = "q") -> torch.Tensor:
     """Query (``kind="q"``) or key (``"k"``) states ``[B, heads, L, head_dim]`` of ``hidden``
-    ``[B, L, D]`` exactly as the attention computes them: projection, per-head RMSNorm where
-    the model has it (Qwen3 ``q_norm`` / ``k_norm``), RoPE with the model's ``(cos, sin)``
-    (``[B, L, head_dim]``; M-RoPE sections are already folded in by the model)."""
+    ``[B, L, D]`` as the attention computes them before RoPE: projection, then per-head
+    RMSNorm where the model has it (Qwen3 ``q_norm`` / ``k_norm``)."""
     proj, norm = (attn.q_proj, getattr(attn, "q_norm", None)) if kind == "q" else (attn.k_proj,
                                                                                    getattr(attn, "k_norm", None))
     b, n, _ = hidden.shape
     x = proj(hidden).view(b, n, -1, attn.head_dim)
     if norm is not None:
         x = norm(x)
-    x = x.transpose(1, 2)
-    cos, sin = (t.unsqueeze(1) for t in position_embeddings)
-    return x * cos + _rotate_half(x) * sin
+    return x.transpose(1, 2)
+
+
+def unrotate(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Keys before RoPE from keys after it (float32): RoPE turns each pair of channels
+    ``(i, i + d/2)`` by an angle, ``y = x cos + rotate_half(x) sin``, and turning back is
+    ``x = y cos - rotate_half(y) sin``. ``keys [..., L, d]``; ``cos, sin [L, d]``."""
+    k = keys.float()
+    return k * cos - _rotate_half(k) * sin
 
 
 def block_scores(queries: torch.Tensor, summaries: torch.Tensor) -> torch.Tensor:
@@ -141,6 +151,14 @@ class _HostArena:
         out = self.slabs[-1][self.used:self.used + nbytes].view(dtype).view(shape)
         self.used += -(-nbytes // self.ALIGN) * self.ALIGN
         return out
+
+    def mark(self) -> tuple:
+        return len(self.slabs), self.used, self.reserved
+
+    def rollback(self, mark: tuple) -> None:
+        """Forget what was handed out since ``mark`` (a failed offload)."""
+        slabs, self.used, self.reserved = mark
+        del self.slabs[slabs:]
 
 
 # ---- the policy and its store ------------------------------------------------------------------
@@ -227,22 +245,25 @@ class RetrievalStore(MemoryStore):
         if keys.shape[1] != 1:
             raise RuntimeError(f"retrieval memory expects a batch of one stream, got {keys.shape[1]}")
         values = torch.stack([layer.values[..., s0:s1, :] for layer in layers])
+        if any(b.positions is None for b in blocks):
+            raise RuntimeError("retrieval memory needs each block's positions (Block.positions)")
+        cos, sin = self.adapter.rotary(torch.cat([b.positions for b in blocks], dim=1))
         per = self.policy.block_items
         groups = [blocks[i:i + per] for i in range(0, len(blocks), per)]
         lengths = torch.tensor([sum(b.length for b in g) for g in groups])
-        # Summary keys: per group, layer and KV head, the mean of the group's keys (one pass).
+        # Summary keys: per group, layer and KV head, the mean of the group's keys before
+        # RoPE (one pass).
         gid = torch.repeat_interleave(torch.arange(len(groups)), lengths).to(keys.device)
         sums = torch.zeros(*keys.shape[:3], len(groups), keys.shape[-1], dtype=torch.float32, device=keys.device)
-        sums.index_add_(3, gid, keys.float())
+        sums.index_add_(3, gid, unrotate(keys, cos.to(keys.device), sin.to(keys.device)))
         means = (sums / lengths.clamp(min=1).to(sums).view(-1, 1)).squeeze(1).permute(2, 0, 1, 3).cpu()
-        new, offset = [], 0
-        for g, length in zip(groups, lengths.tolist()):
-            data = self._arena.empty((len(layers), 2, *keys.shape[1:3], length, keys.shape[-1]), keys.dtype)
-            data[:, 0].copy_(keys[..., offset:offset + length, :])
-            data[:, 1].copy_(values[..., offset:offset + length, :])
-            new.append(OffloadedBlock(g[0].item, len(g), g[0].start_time, g[-1].end_time, length, data))
-            offset += length
-        summaries = self._grow_summaries(means)
+        arena = self._arena.mark()
+        try:
+            new = self._copy_out(groups, lengths.tolist(), keys, values)
+            summaries = self._grow_summaries(means)
+        except BaseException:
+            self._arena.rollback(arena)
+            raise
         # Commit: nothing above changed the store.
         for layer in layers:
             layer.keys = torch.cat([layer.keys[..., :s0, :], layer.keys[..., s1:, :]], dim=-2)
@@ -250,12 +271,22 @@ class RetrievalStore(MemoryStore):
         self._summaries = summaries
         self.offloaded.extend(new)
         self._lengths.extend(lengths.tolist())
-        self.blocks = self.blocks[len(blocks):]
-        for b in self.blocks:
-            b.start -= s1 - s0
+        self.blocks = [replace(b, start=b.start - (s1 - s0)) for b in self.blocks[len(blocks):]]
         self.offloaded_tokens += s1 - s0
         self.offloaded_items += len(blocks)
         self.offloaded_bytes += sum(blk.data.numel() * blk.data.element_size() for blk in new)
+
+    def _copy_out(self, groups: list[list[Block]], lengths: list[int], keys: torch.Tensor,
+                  values: torch.Tensor) -> list[OffloadedBlock]:
+        """CPU copies of the groups' keys and values ``[layers, B, KVH, S, d]``."""
+        new, offset = [], 0
+        for g, length in zip(groups, lengths):
+            data = self._arena.empty((keys.shape[0], 2, *keys.shape[1:3], length, keys.shape[-1]), keys.dtype)
+            data[:, 0].copy_(keys[..., offset:offset + length, :])
+            data[:, 1].copy_(values[..., offset:offset + length, :])
+            new.append(OffloadedBlock(g[0].item, len(g), g[0].start_time, g[-1].end_time, length, data))
+            offset += length
+        return new
 
     def _grow_summaries(self, means: torch.Tensor) -> torch.Tensor:
         n = len(self.offloaded)
@@ -301,13 +332,15 @@ class RetrievalStore(MemoryStore):
         chosen: dict[int, list[int]] = {}
 
         def hook(module, args, kwargs):
-            if kwargs.get("past_key_values") is not self.cache:
+            # Only this stream's forward (sessions may share the model): it carries our
+            # cache, under whatever keyword the transformers version uses.
+            if not any(v is self.cache for v in (*args, *kwargs.values())):
                 return None
             idx = module.layer_idx
             layer = self.cache.layers[idx]
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             if idx not in chosen:  # the question's forward: retrieve once, keep for the answer
-                queries = project_heads(module, hidden, kwargs["position_embeddings"], "q")
+                queries = project_heads(module, hidden, "q")
                 chosen[idx] = self.choose(idx, queries)
                 keys, values = saved[idx]
                 fetched = torch.cat([self.offloaded[i].data[idx].to(keys.device, non_blocking=self.pinned)

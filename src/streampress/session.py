@@ -3,8 +3,8 @@
 One session is one stream. Per :meth:`StreamingSession.add_frames` call:
 
 1. frames are validated and grouped into items (``adapter.frames_per_item`` frames: a
-   temporal patch for Qwen); an incomplete item waits for the next call (it is not
-   visible to questions until its partner frame arrives);
+   temporal patch for Qwen); an incomplete item waits for the next call for its partner
+   frame (a question asked meanwhile still sees it: see below);
 2. the adapter preprocesses and encodes the complete items (through the cacher when one
    is given) to grids ``[T, H', W', D]``;
 3. the pruner, called once per chunk on all new grids, returns a keep mask ``[T, H', W']``;
@@ -15,10 +15,22 @@ One session is one stream. Per :meth:`StreamingSession.add_frames` call:
 
 :meth:`StreamingSession.ask` runs the question at ``max(all positions) + 1`` and a greedy
 loop with explicit positions, then removes the question and answer from the cache, so the
-stream continues exactly as if never asked. Everything a stream remembers lives in the
-session (and its pruner / cacher state / memory store), so sessions sharing one model
-never interact. Bad input raises before any state changes; a forward that fails midway
-is undone (cache length restored).
+stream continues exactly as if never asked. A question sees every frame up to its time:
+when an item is incomplete (Qwen: one frame of a temporal patch), the question runs on a
+temporary item made as the Hugging Face Qwen processors pad an odd frame count (the last
+frame repeated into a full temporal patch), encoded, pruned and prefilled like any item;
+afterwards the cache, the pruner and cacher state, the positions and the statistics are
+exactly as before the question, and the real item forms when the partner frame arrives.
+
+Everything a stream remembers lives in the session (and its pruner / cacher state /
+memory store), so sessions sharing one model never interact. Bad input raises before any
+state changes; a call that fails at any later stage (encoder, cacher, pruner, prefill,
+memory eviction) is undone whole: cache, blocks, pruner and cacher state, positions,
+pending frames and statistics return to what they were, so a retry of the same frames
+gives exactly what a run that never failed gives. (A pruner or cacher state is rolled
+back through its ``snapshot()`` / ``restore()``; for a custom pruner without them the
+session saves and restores its attributes, which is exact when the pruner replaces its
+state attributes rather than editing them in place.)
 """
 
 from __future__ import annotations
@@ -44,7 +56,10 @@ _LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 class Answer:
     """An answer. ``choice``: the option letter with the highest next-token logit after the
     prompt (multiple choice only; independent of the sampled text); ``option_logits``:
-    letter -> logit; ``token_ids``: generated ids; times in seconds."""
+    letter -> logit; ``token_ids``: generated ids; times in seconds (``time_to_first_token``
+    includes the temporary item of a pending frame). What the question saw: ``frames``
+    (every frame added so far), ``items`` (items, a temporary one included) and
+    ``visual_tokens`` (visual tokens kept in those items)."""
 
     text: str
     choice: str | None = None
@@ -52,6 +67,9 @@ class Answer:
     token_ids: list[int] = field(default_factory=list)
     time_to_first_token: float = 0.0
     seconds: float = 0.0
+    frames: int = 0
+    items: int = 0
+    visual_tokens: int = 0
 
     def __str__(self) -> str:
         return self.text
@@ -63,8 +81,12 @@ def _frames_tensor(frames) -> torch.Tensor:
     elif isinstance(frames, (list, tuple)):
         if not frames:
             raise ValueError("frames must not be empty")
-        frames = torch.stack([torch.as_tensor(np.asarray(f)) if not isinstance(f, torch.Tensor) else f
-                              for f in frames])
+        frames = [torch.as_tensor(np.asarray(f)) if not isinstance(f, torch.Tensor) else f for f in frames]
+        shapes = {tuple(f.shape) for f in frames}
+        if len(shapes) > 1:
+            raise ValueError(f"frames in one call must all have the same shape [H, W, 3], got "
+                             f"{', '.join(map(str, sorted(shapes)))}")
+        frames = torch.stack(frames)
     if not isinstance(frames, torch.Tensor):
         raise TypeError(f"frames must be a uint8 numpy array or torch tensor [F, H, W, 3], got {type(frames).__name__}")
     if frames.dtype != torch.uint8:
@@ -99,6 +121,8 @@ class StreamingSession:
                 raise TypeError(f"model must be a model adapter (streampress.load_model), got {type(model).__name__}")
         if pruner is not None and not callable(pruner):
             raise TypeError(f"pruner must be callable (streampress.create_pruner), got {type(pruner).__name__}")
+        if cacher is not None and not callable(getattr(cacher, "new_state", None)):
+            raise TypeError(f"cacher must be an STC cacher (streampress.StcCacher) or None, got {cacher!r}")
         self.model = model
         self.pruner = pruner
         self.cacher = cacher
@@ -136,6 +160,10 @@ class StreamingSession:
         if self._frame_hw is not None and hw != self._frame_hw:
             raise ValueError(f"frames must keep the stream's size {self._frame_hw[0]}x{self._frame_hw[1]}, "
                              f"got {hw[0]}x{hw[1]} (call reset() to start a stream of another size)")
+        with self._undo_on_failure():
+            self._add_frames(frames, times, hw)
+
+    def _add_frames(self, frames: torch.Tensor, times: torch.Tensor, hw: tuple[int, int]) -> None:
         if self._pending is not None:
             frames = torch.cat([self._pending, frames.to(self._pending.device)])
         times = torch.cat([self._pending_times, times])
@@ -150,6 +178,56 @@ class StreamingSession:
         self._last_time = float(times[-1])
         self._counts["frames"] = self._counts["items"] * fpi + rest
         self._memory.after_add(self._last_time - (self._state.start_time or 0.0))
+
+    # ---- undo ---------------------------------------------------------------------------
+    def _snapshot(self) -> tuple:
+        """Everything the stream remembers, cheaply (nothing is copied but small counters:
+        the stores and states are replaced, never edited in place)."""
+        attrs = {name: getattr(self, name) for name in self._STREAM_ATTRS}
+        attrs["_counts"] = dict(self._counts)
+        pruner = _snapshot_of(self.pruner)
+        cacher = self._cacher_state.snapshot() if hasattr(self._cacher_state, "snapshot") else None
+        return attrs, pruner, cacher, self._memory.mark()
+
+    def _restore(self, snapshot: tuple) -> None:
+        attrs, pruner, cacher, memory = snapshot
+        self._memory.rollback(memory)
+        if pruner is not None:
+            _restore_to(self.pruner, pruner)
+        if cacher is not None:
+            self._cacher_state.restore(cacher)
+        for name, value in attrs.items():
+            setattr(self, name, value)
+
+    _STREAM_ATTRS = ("_pending", "_pending_times", "_last_time", "_frame_hw", "_grid_hw", "_state", "_counts")
+
+    @contextmanager
+    def _undo_on_failure(self):
+        snapshot = self._snapshot()
+        try:
+            yield
+        except BaseException:
+            self._restore(snapshot)
+            raise
+
+    @contextmanager
+    def _pending_visible(self):
+        """While a question runs: the incomplete trailing item as a temporary item (its
+        frames padded with the last one, as the HF Qwen processors pad an odd count),
+        removed again afterwards with every trace of it."""
+        if self._pending is None:
+            yield
+            return
+        snapshot = self._snapshot()
+        try:
+            fpi = self.model.frames_per_item
+            pad = fpi - self._pending.shape[0]
+            frames = torch.cat([self._pending, self._pending[-1:].expand(pad, *self._pending.shape[1:])])
+            times = torch.cat([self._pending_times, self._pending_times[-1:].expand(pad)])
+            self._add_items(frames, times.view(1, fpi))
+            yield
+        finally:
+            self._restore(snapshot)
 
     def _check_times(self, timestamps, count: int) -> torch.Tensor:
         if timestamps is None:
@@ -200,10 +278,11 @@ class StreamingSession:
         t3 = self._clock()
         # Commit: one block per item, in the order the chunk was laid out.
         lengths = torch.bincount(run.item - first_item, minlength=n).tolist()
-        blocks = []
+        blocks, at = [], 0
         for k, (length, t_start, t_end) in enumerate(zip(lengths, rel[:, 0].tolist(), rel[:, -1].tolist())):
-            blocks.append(Block(first_item + k, t_start, t_end, offset, length))
-            offset += length
+            blocks.append(Block(first_item + k, t_start, t_end, offset + at, length,
+                                run.positions[:, at:at + length]))
+            at += length
         self._memory.add_blocks(blocks)
         self._state = new_state
         c = self._counts
@@ -264,12 +343,12 @@ class StreamingSession:
         elif max_new_tokens == 0:
             raise ValueError("max_new_tokens must be at least 1 without options")
         model = self.model
-        ids = self._question_ids(question, max_new_tokens)
         letter_ids = [model.tokenize(letter)[0] for letter in letters]
         t0 = time.perf_counter()
         generated: list[int] = []
-        with self._answer_context(ids) as (cache, logits, pos):
+        with self._answer_context(question, max_new_tokens) as (cache, logits, pos):
             ttft = time.perf_counter() - t0
+            seen = (self._counts["frames"], self._counts["items"], self._counts["visual_tokens_kept"])
             scores = {l: float(logits[i]) for l, i in zip(letters, letter_ids)}
             for step in range(max_new_tokens):
                 token = int(logits.argmax())
@@ -285,14 +364,14 @@ class StreamingSession:
         self._counts["questions"] += 1
         self._counts["answer_seconds"] += seconds
         choice = max(scores, key=scores.get) if scores else None
-        return Answer(model.detokenize(generated), choice, scores, generated, ttft, seconds)
+        return Answer(model.detokenize(generated), choice, scores, generated, ttft, seconds, *seen)
 
     def question_logits(self, question: str) -> torch.Tensor:
         """Float32 logits ``[V]`` of the first answer token to ``question`` (the prompt as
         :meth:`ask` builds it without options); the question leaves no trace."""
         if not isinstance(question, str) or not question.strip():
             raise ValueError("question must be a non-empty str")
-        with self._answer_context(self._question_ids(question, 1)) as (_, logits, _pos):
+        with self._answer_context(question, 1) as (_, logits, _pos):
             return logits
 
     def _question_ids(self, question: str, max_new_tokens: int) -> list[int]:
@@ -312,16 +391,19 @@ class StreamingSession:
         return ids
 
     @contextmanager
-    def _answer_context(self, ids: list[int]):
-        """Run the question turn at ``max position + 1``; yields (cache, last logits, next
-        position); the memory store removes the question and answer on exit."""
+    def _answer_context(self, question: str, max_new_tokens: int):
+        """Run the question turn at ``max position + 1`` on everything seen (a pending frame
+        included); yields (cache, last logits, next position); on exit the question, the
+        answer and any temporary item are gone."""
         model = self.model
-        start = self._state.max_position + 1
-        embeds = model.embed_text(torch.tensor(ids, dtype=torch.long))
-        positions = text_positions(start, len(ids), model.position_axes)
-        with self._memory.answering(QuestionInput(embeds, positions)) as cache:
-            logits = model.forward(embeds, positions, cache, logits="last")
-            yield cache, logits, start + len(ids)
+        with self._pending_visible():
+            ids = self._question_ids(question, max_new_tokens)
+            start = self._state.max_position + 1
+            embeds = model.embed_text(torch.tensor(ids, dtype=torch.long))
+            positions = text_positions(start, len(ids), model.position_axes)
+            with self._memory.answering(QuestionInput(embeds, positions)) as cache:
+                logits = model.forward(embeds, positions, cache, logits="last")
+                yield cache, logits, start + len(ids)
 
     # ---- reporting ----------------------------------------------------------------------
     def stats(self) -> dict:
@@ -358,6 +440,24 @@ class StreamingSession:
         if self.model.device.type == "cuda":
             torch.cuda.synchronize(self.model.device)
         return time.perf_counter()
+
+
+def _snapshot_of(obj):
+    """``obj.snapshot()``, or a shallow copy of its attributes, or None (nothing to undo)."""
+    if obj is None:
+        return None
+    if callable(getattr(obj, "snapshot", None)) and callable(getattr(obj, "restore", None)):
+        return obj.snapshot()
+    return dict(vars(obj)) if hasattr(obj, "__dict__") else None
+
+
+def _restore_to(obj, snapshot) -> None:
+    if callable(getattr(obj, "snapshot", None)) and callable(getattr(obj, "restore", None)):
+        obj.restore(snapshot)
+    else:
+        attrs = vars(obj)
+        attrs.clear()
+        attrs.update(snapshot)
 
 
 def _with_options(question: str, options: Sequence[str]) -> tuple[str, list[str]]:

@@ -39,6 +39,15 @@ def find_vision_module(model: nn.Module):
     raise ValueError(f"no supported vision tower (Qwen2.5-VL / Qwen3-VL / SigLIP) found in {type(model).__name__}")
 
 
+def _rows(t, index: torch.Tensor | None):
+    """Items ``index`` of a tensor or of a tuple of tensors (all of them when ``index`` is None)."""
+    if t is None or index is None:
+        return t
+    if isinstance(t, tuple):
+        return tuple(p.index_select(0, index) for p in t)
+    return t.index_select(0, index)
+
+
 class _CallContext:
     """One call of the tower: the plan (which items are references) and pending results."""
 
@@ -54,7 +63,8 @@ class _CallContext:
         """Decide per item: reference (full) or dependent of the latest reference.
 
         Returns the first block's ``(LN1(x), keys)`` of all items when the refresh test
-        computed them."""
+        computed them; the block then reuses them for references and dependents alike, so
+        LN1 and the key projection run once per call."""
         n_items, t, dim = x.shape
         self.signature = (self.layout, t, dim, x.dtype, str(x.device), len(self.inst.blocks))
         self.stored = self.state.reference_for(self.inst.module, self.signature)
@@ -137,18 +147,16 @@ class _CallContext:
         prepared = self._plan(x, parts, rope) if index == 0 else None
         n_items, t, _ = x.shape
         new = None
-        if self.refs:
-            x_ref = x if not self.deps else x.index_select(0, self.ref_index)
-            y_ref, new = dense_block(parts, x_ref, rope, pattern)
+        if self.refs:  # ref_index / dep_index are None unless the call mixes both kinds
+            y_ref, new = dense_block(parts, _rows(x, self.ref_index), rope, pattern,
+                                     prepared=_rows(prepared, self.ref_index))
             self.pending[index] = self._keep(new)
             if not self.deps:
                 y = y_ref
         if self.deps:
-            x_dep = x if not self.refs else x.index_select(0, self.dep_index)
-            if prepared is not None and self.refs:
-                prepared = tuple(p.index_select(0, self.dep_index) for p in prepared)
-            y_dep, _ = selective_block(parts, x_dep, self._dependent_refs(index, new), rope, pattern,
-                                       self.count, prepared=prepared, buffer=self.state.buffer)
+            y_dep, _ = selective_block(parts, _rows(x, self.dep_index), self._dependent_refs(index, new), rope,
+                                       pattern, self.count, prepared=_rows(prepared, self.dep_index),
+                                       buffer=self.state.buffer)
             if not self.refs:
                 y = y_dep
             else:
@@ -339,8 +347,9 @@ class StcCacher:
 
     def encode_siglip(self, vision_tower: nn.Module, pixel_values: torch.Tensor, state: CacherState, **kwargs):
         """SigLIP (LLaVA-OneVision): ``vision_tower(pixel_values, **kwargs)`` with reuse across
-        frames. For the features LLaVA-OneVision reads, pass ``output_hidden_states=True`` and
-        take ``.hidden_states[config.vision_feature_layer]``."""
+        frames. LLaVA-OneVision reads ``hidden_states[config.vision_feature_layer]``:
+        ``output_hidden_states=True`` gives them but holds every layer's output until the tower
+        returns; ``streampress.models.llava_onevision.feature_capture`` keeps only that layer's."""
         return self.encode(vision_tower, pixel_values, None, state, **kwargs)
 
     def attach(self, model: nn.Module, state: CacherState | None = None) -> AttachHandle:

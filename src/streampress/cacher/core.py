@@ -175,14 +175,22 @@ def selective_attention(q_sel: Tensor, k: Tensor, v: Tensor, idx: Tensor, patter
     return out.reshape(b * n * c_max, h * d).index_select(0, slots).view(b, r, h * d)
 
 
-def dense_block(parts: BlockParts, x: Tensor, rope: Rope | None,
-                pattern: AttentionPattern) -> tuple[Tensor, BlockRef]:
-    """Full computation of R reference items ``x [R, T, D]`` -> ``(y, BlockRef)``."""
-    u = parts.norm1(x)
-    q, k, v = parts.qkv(u)
+def dense_block(parts: BlockParts, x: Tensor, rope: Rope | None, pattern: AttentionPattern,
+                prepared: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, BlockRef]:
+    """Full computation of R reference items ``x [R, T, D]`` -> ``(y, BlockRef)``.
+
+    ``prepared``: ``(LN1(x), keys)`` of these items if already computed (the refresh test at
+    the first block); then only the queries and values are projected."""
+    if prepared is None:
+        u = parts.norm1(x)
+        q, k, v = parts.qkv(u)
+        if rope is not None:
+            k = apply_rope(k, *rope)
+    else:
+        u, k = prepared
+        q, v = parts.qv(u)
     if rope is not None:
         q = apply_rope(q, *rope)
-        k = apply_rope(k, *rope)
     a = parts.out_proj(dense_attention(q, k, v, pattern, parts.scale))
     h = x + a
     m = parts.mlp(parts.norm2(h))

@@ -6,7 +6,9 @@ encoder layer, and each of the B frames attends only to itself, so an *item* is 
 embeddings, the final layer norm and the optional pooling head are the model's own code.
 LLaVA-OneVision reads ``hidden_states[config.vision_feature_layer]`` of this tower
 (``-1`` in its configs, i.e. the last layer's output before ``post_layernorm``); pass
-``output_hidden_states=True`` through the cacher to get them, exactly as the model does.
+``output_hidden_states=True`` through the cacher to get them, exactly as the model does, or
+capture only that layer's output (``streampress.models.llava_onevision.feature_capture``,
+what the LLaVA-OneVision adapter does) instead of holding every layer's until the end.
 """
 
 from __future__ import annotations

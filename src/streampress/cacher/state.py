@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -111,6 +111,24 @@ class CacherState:
         s.recomputed_token_blocks += stats.recomputed_token_blocks
         s.first_block_similarity.extend(stats.first_block_similarity)
         del s.first_block_similarity[:-1000]  # bounded over long streams
+
+    # ---- undo ------------------------------------------------------------------------
+    def snapshot(self) -> tuple:
+        """The stream state as an opaque value for :meth:`restore`.
+
+        It holds the current reference's blocks, so while a snapshot is alive a call that
+        brings a new reference cannot free the old one early: the session takes one per
+        ``add_frames`` call so that a failure at any later stage (pruning, prefill, memory)
+        can return the encoder state to exactly what it was."""
+        stats = replace(self.stats, first_block_similarity=list(self.stats.first_block_similarity))
+        blocks = list(self._blocks) if self._blocks is not None else None
+        return blocks, self._signature, self._module, self._since_ref, stats
+
+    def restore(self, snapshot: tuple) -> None:
+        """Return to the state ``snapshot`` (from :meth:`snapshot`) was taken in."""
+        blocks, self._signature, self._module, self._since_ref, stats = snapshot
+        self._blocks = list(blocks) if blocks is not None else None
+        self.stats = replace(stats, first_block_similarity=list(stats.first_block_similarity))
 
     # ---- caches for speed (content-free, safe to drop at any time) ---------------------
     def pattern(self, lengths: tuple[int, ...], device: torch.device) -> AttentionPattern:

@@ -3,6 +3,10 @@
 The main ``streampress`` command dispatches its ``eval`` sub-command here through
 :func:`add_arguments` and :func:`run`; ``python -m streampress.eval`` runs it alone. Under
 ``torchrun --nproc-per-node K`` the same command shards the videos over K processes.
+
+Bad input (an option, an annotation entry, a busy output folder) is reported as one line
+``streampress eval: error: ...`` per problem and exit status 1, the status the command has
+always used for it, before any model loads; argparse's own syntax errors keep its status 2.
 """
 
 from __future__ import annotations
@@ -20,6 +24,17 @@ EXAMPLES = """examples:
   streampress eval streamingbench --annotations streamingbench_real_stream.json --videos DIR \\
       --model Qwen/Qwen2.5-VL-7B-Instruct --method streaming_assistant --keep-ratio 0.1 --out runs/sb
   torchrun --nproc-per-node 8 -m streampress.eval ovobench --annotations ... --videos DIR --model ...
+
+input checks (before any model loads or anything is written):
+  every annotation entry: times finite and >= 0, options a list of strings, the ground truth
+  one of the options, video paths inside --videos, no missing field. Each problem is one line
+  naming the file, the entry (position from 0, id, video; StreamingBench: video and question)
+  and the field. --skip-invalid runs the valid questions and counts the others as skipped.
+  Options (--fps, --max-new-tokens, --keep-ratio, --cacher-rho, ...) are checked the same way.
+  --out is locked (eval.lock) while a run writes it.
+
+exit status: 0 done; 1 bad options or annotations (nothing run), output folder in use, or
+  some videos failed (see errors.rank*.txt); 2 command-line syntax.
 """
 
 
@@ -49,6 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cacher-interval", type=int, default=2)
     parser.add_argument("--tasks", nargs="+", default=None, help="only these tasks")
     parser.add_argument("--limit", type=int, default=None, help="only the first N questions")
+    parser.add_argument("--skip-invalid", action="store_true",
+                        help="run the valid questions of a partly invalid annotation file; the invalid "
+                             "ones are listed (invalid_annotations.txt) and counted as skipped")
     parser.add_argument("--strict", action="store_true",
                         help="stricter answer parsing (first option letter / number / yes-no word)")
     parser.add_argument("--out", default=None, help="output folder (default eval_results/BENCHMARK)")
@@ -73,7 +91,17 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
                       chunk_frames=args.chunk_frames, max_new_tokens=args.max_new_tokens,
                       limit=args.limit, tasks=args.tasks, strict=args.strict, window=args.window,
                       cacher=cacher, dtype=args.dtype, device=args.device, seed=args.seed,
-                      top_logits=args.top_logits)
+                      top_logits=args.top_logits, skip_invalid=args.skip_invalid)
+
+
+def _summary(scores: dict) -> str:
+    """The overall figure(s), labelled: OVO-Bench has two (see :mod:`.scoring`)."""
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.2f}%"
+
+    if "labels" in scores:
+        return "; ".join(f"{scores['labels'][k]}: {pct(scores[k])}" for k in ("overall", "task_mean"))
+    return f"overall: {pct(scores['overall'])}"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -89,11 +117,12 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("model: --model is required (a checkpoint or random:NAME) unless --dry-run")
         report = evaluate(cfg)
     except ValueError as exc:
-        print(f"streampress eval: error: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines() or [""]:
+            print(f"streampress eval: error: {line}", file=sys.stderr)
         return 1
     if report is None:  # not rank 0
         return 0
-    print(f"scores: {cfg.out}/scores.md  overall: {report['scores']['overall']}")
+    print(f"scores: {cfg.out}/scores.md  {_summary(report['scores'])}")
     return 1 if report["errors"] else 0
 
 

@@ -41,8 +41,18 @@ Emit = Callable[[Question, str, dict], None]
 
 
 def ask_time(q: Question) -> float:
-    """When ``q`` is asked: its time, or after the whole video (inf) for offline questions."""
-    return math.inf if q.time is None else float(q.time)
+    """When ``q`` is asked: its time, or after the whole video (inf) for offline questions.
+
+    A NaN time would compare false with every frame time: the stream would never reach that
+    question, nor, as questions are asked in time order, any question after it. The readers
+    refuse such times; this refuses them from any other source.
+    """
+    if q.time is None:
+        return math.inf
+    t = float(q.time)
+    if not (math.isfinite(t) and t >= 0):
+        raise ValueError(f"question {q.qid}: expected a finite time >= 0 in seconds, got {q.time!r}")
+    return t
 
 
 def flat_stats(session) -> dict:
@@ -98,6 +108,8 @@ class _Feeder:
         t1 = time.perf_counter()
         text = answer if isinstance(answer, str) else answer.text
         info = {"session": self.key, "frames": self.seen, "stream_time": self.last_time, "ask_s": t1 - t0}
+        if hasattr(answer, "items"):  # what the question saw (a pending frame's temporary item included)
+            info.update(items_seen=answer.items, visual_tokens_seen=answer.visual_tokens)
         if self.top_logits > 0:
             logits = self.session.question_logits(prompt).float().reshape(-1)
             values, ids = logits.topk(min(self.top_logits, logits.numel()))

@@ -1,25 +1,31 @@
 """The evaluation run: questions -> videos -> sessions -> JSONL -> scores, resumable and sharded.
 
-:func:`evaluate` is the whole job. It reads the annotations, skips (and reports) questions
-whose video is missing, splits videos over the ranks, streams each of this rank's videos
-through a fresh session (skipping questions already in the output folder), appends one JSON
-line per answer, then, on rank 0 after a barrier, merges every prediction file and writes
-the score table. :func:`dry_run` needs neither videos nor a model.
+:func:`evaluate` is the whole job. It checks the settings (:meth:`EvalConfig.validate`) and
+every annotation entry before it writes anything or loads a model, because a bad value found
+later costs a model load, fails once per video, or leaves a ``run_config.json`` that refuses
+the corrected rerun. Invalid entries stop the run unless ``skip_invalid`` (then they are
+listed in ``invalid_annotations.txt`` and counted as skipped). It then takes the output
+folder's lock, skips (and reports) questions whose video is missing, splits videos over the
+ranks, streams each of this rank's videos through a fresh session (skipping questions already
+in the output folder), appends one JSON line per answer, then, on rank 0 after a barrier,
+merges every prediction file and writes the score table. :func:`dry_run` needs neither videos nor a model.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 import traceback
 from collections import defaultdict
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from . import scoring, sharding, store
-from .datasets import Question, load_benchmark, resolve_videos, summarize
+from .datasets import AnnotationError, Annotations, Question, read_annotations, resolve_videos, summarize
 from .frames import iter_frames
 from .prompts import is_correct, parse_response
 from .protocol import ask_time, run_clips, run_stream
@@ -56,20 +62,42 @@ class EvalConfig:
     seed: int = 0
     top_logits: int = 0
     raise_errors: bool = False
+    skip_invalid: bool = False
 
     def validate(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"mode: expected one of {MODES}, got {self.mode!r}")
-        if not self.fps > 0:
-            raise ValueError(f"fps: expected a positive number, got {self.fps!r}")
-        if int(self.chunk_frames) < 1:
-            raise ValueError(f"chunk_frames: expected >= 1, got {self.chunk_frames!r}")
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"limit: expected a positive count, got {self.limit!r}")
-        if self.top_logits < 0:
-            raise ValueError(f"top_logits: expected >= 0, got {self.top_logits!r}")
-        if self.window is not None and not self.window > 0:
-            raise ValueError(f"window: expected seconds > 0, got {self.window!r}")
+        """Refuse settings that cannot run, with one line naming the option, before any work."""
+        from streampress import create_cacher, create_pruner
+
+        def need(ok: bool, option: str, expected: str, got) -> None:
+            if not ok:
+                raise ValueError(f"{option}: expected {expected}, got {got!r}")
+
+        def number(x) -> bool:
+            return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+        def count(x, least: int) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool) and x >= least
+
+        need(self.mode in MODES, "--mode", f"one of {MODES}", self.mode)
+        need(number(self.fps) and self.fps > 0, "--fps", "a finite number > 0", self.fps)
+        need(count(self.chunk_frames, 1), "--chunk-frames", "an integer >= 1", self.chunk_frames)
+        need(count(self.max_new_tokens, 1), "--max-new-tokens", "an integer >= 1", self.max_new_tokens)
+        need(self.limit is None or count(self.limit, 1), "--limit", "a positive count", self.limit)
+        need(count(self.top_logits, 0), "--top-logits", "an integer >= 0", self.top_logits)
+        need(self.window is None or number(self.window) and self.window > 0, "--window", "seconds > 0",
+             self.window)
+        if self.method in ("none", "full"):
+            need(not self.params, "--keep-ratio/--param", "no pruner parameters without a --method", self.params)
+        else:
+            try:  # the pruner and cacher check their own parameters; building them is cheap
+                create_pruner(self.method, **self.params)
+            except (ValueError, TypeError) as exc:
+                raise ValueError(f"--method/--keep-ratio/--param: {exc}") from None
+        if self.cacher is not None:
+            try:
+                create_cacher(**self.cacher)
+            except (ValueError, TypeError) as exc:
+                raise ValueError(f"--cacher-rho/--cacher-interval: {exc}") from None
 
     def result_key(self) -> dict:
         """The settings that determine answers: a resumed run must match them."""
@@ -80,24 +108,49 @@ class EvalConfig:
         return json.loads(json.dumps(d))
 
 
-def select_questions(cfg: EvalConfig) -> tuple[list[Question], list[Question]]:
-    """All questions of the file, and those this run covers (``tasks`` filter, then ``limit``)."""
-    every = load_benchmark(cfg.benchmark, cfg.annotations)
-    chosen = every
+MAX_SHOWN = 50  # problem lines printed; all of them go to invalid_annotations.txt
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _shown(lines: list[str]) -> list[str]:
+    extra = len(lines) - MAX_SHOWN
+    return lines if extra <= 0 else lines[:MAX_SHOWN] + [f"... and {_plural(extra, 'more problem')}"]
+
+
+def select_questions(cfg: EvalConfig) -> tuple[list[Question], list[Question], Annotations]:
+    """All valid questions of the file, those this run covers (``tasks`` filter, then ``limit``),
+    and the file's reading. Invalid entries raise :class:`AnnotationError` unless ``skip_invalid``."""
+    ann = read_annotations(cfg.benchmark, cfg.annotations)
+    every = chosen = ann.questions
+    if ann.problems and not cfg.skip_invalid:
+        raise AnnotationError("\n".join(_shown(ann.problems) + [
+            f"{cfg.annotations}: {_plural(len(ann.problems), 'problem')} ({_plural(len(ann.skipped), 'question')}); "
+            f"fix them, or pass --skip-invalid to run the {_plural(len(every), 'valid question')}"]))
     if cfg.tasks:
-        known = {q.task for q in every}
+        known = {q.task for q in every} | {t for t in ann.skipped if t}
         unknown = sorted(set(cfg.tasks) - known)
         if unknown:
-            raise ValueError(f"tasks: {unknown} not in this file; it has {sorted(known)}")
+            raise ValueError(f"--tasks: {unknown} not in this file; it has {sorted(known)}")
         chosen = [q for q in chosen if q.task in cfg.tasks]
     if cfg.limit is not None:
         chosen = chosen[: cfg.limit]
-    return every, chosen
+    return every, chosen, ann
 
 
-def dry_run(cfg: EvalConfig) -> tuple[dict, str]:
+def invalid_count(cfg: EvalConfig, ann: Annotations) -> int:
+    """Questions of the run's tasks left out as invalid (all of them without ``tasks``)."""
+    return sum(1 for t in ann.skipped if not cfg.tasks or t is None or t in cfg.tasks)
+
+
+def dry_run(cfg: EvalConfig, log: Callable[[str], None] | None = None) -> tuple[dict, str]:
     """Tasks and question counts of the file (and videos present under ``cfg.videos``)."""
-    every, chosen = select_questions(cfg)
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    every, chosen, ann = select_questions(cfg)
+    for line in _shown(ann.problems):
+        log(f"warning: skipped: {line}")
     info = summarize(chosen)
     lines = [f"{cfg.benchmark}: {cfg.annotations}",
              f"{'category':<18} {'task':<24} {'items':>6} {'questions':>10} {'videos':>7}"]
@@ -113,6 +166,10 @@ def dry_run(cfg: EvalConfig) -> tuple[dict, str]:
             lines.append(f"{'':<18} {'(' + cat + ' total)':<24} {c['items']:>6} {c['questions']:>10} {c['videos']:>7}")
     lines.append(f"total: {info['items']} items, {info['questions']} questions (model calls), "
                  f"{info['videos']} videos")
+    if ann.problems:
+        info["questions_invalid"] = invalid_count(cfg, ann)
+        lines.append(f"{_plural(info['questions_invalid'], 'invalid question')} skipped "
+                     f"({_plural(len(ann.problems), 'problem')} in the file, see the warnings)")
     if cfg.videos is not None:
         found, missing = resolve_videos(chosen, cfg.videos)
         skipped = sum(1 for q in chosen if q.video not in found)
@@ -178,7 +235,7 @@ def _run_videos(cfg, videos, by_video, stop_times, paths, done, factory, writer,
     return errors
 
 
-def _finish(cfg, chosen, found, missing, errors, out: Path, log, wall_s: float) -> dict:
+def _finish(cfg, chosen, found, missing, invalid, errors, out: Path, log, wall_s: float) -> dict:
     records, bad = store.load_predictions(out)
     ours = [records[q.qid] for q in chosen if q.qid in records]
     store.write_jsonl(out / "all_predictions.jsonl", ours)
@@ -186,7 +243,7 @@ def _finish(cfg, chosen, found, missing, errors, out: Path, log, wall_s: float) 
     config = {k: v for k, v in asdict(cfg).items() if k not in ("raise_errors",) and v not in (None, {}, [])}
     report = {"config": config, "scores": scores, "usage": scoring.aggregate_usage(ours),
               "missing_videos": len(missing), "missing_questions": sum(1 for q in chosen if q.video not in found),
-              "unreadable_lines": bad, "errors": errors, "wall_s": wall_s}
+              "invalid_questions": invalid, "unreadable_lines": bad, "errors": errors, "wall_s": wall_s}
     store.write_atomic(out / "scores.json", json.dumps(report, indent=2) + "\n")
     store.write_atomic(out / "scores.md", scoring.markdown_table(report))
     log(scoring.markdown_table(report))
@@ -198,57 +255,71 @@ def evaluate(cfg: EvalConfig, session_factory: SessionFactory | None = None,
     """Run (or resume) the evaluation; returns the report on rank 0, None on other ranks.
 
     ``session_factory`` makes one session per video (stream mode) or per question (clip
-    mode); by default it loads ``cfg.model`` on this rank's device.
+    mode); by default it loads ``cfg.model`` on this rank's device. Nothing is written before
+    the settings and the annotations are checked; rank 0 holds the output folder's lock
+    (:func:`store.folder_lock`) until the scores are written, or the run fails.
     """
     cfg.validate()
     if cfg.videos is None or not Path(cfg.videos).is_dir():
-        raise ValueError(f"videos: expected the folder of the benchmark's videos, got {cfg.videos!r}")
+        raise ValueError(f"--videos: expected the folder of the benchmark's videos, got {cfg.videos!r}")
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     start = time.perf_counter()
     ctx = sharding.init_distributed()
     try:
-        every, chosen = select_questions(cfg)
+        every, chosen, ann = select_questions(cfg)
         found, missing = resolve_videos(chosen, cfg.videos)
         out = Path(cfg.out)
         if ctx.is_main:
             out.mkdir(parents=True, exist_ok=True)
-            store.check_config(out, cfg.result_key(), write=True)
-            for stale in out.glob("errors.rank*.txt"):  # failures of an earlier attempt are retried
-                stale.unlink()
-            (out / "missing_videos.txt").unlink(missing_ok=True)
-            if missing:
-                skipped = sum(1 for q in chosen if q.video not in found)
-                (out / "missing_videos.txt").write_text("".join(v + "\n" for v in missing), encoding="utf-8")
-                log(f"{len(missing)} of {len(missing) + len(found)} videos missing under {cfg.videos}: "
-                    f"{skipped} questions skipped (list in {out / 'missing_videos.txt'}), e.g. {missing[:3]}")
-        sharding.barrier(ctx)  # nobody writes before the configuration check passed
-
-        by_video: dict[str, list[Question]] = defaultdict(list)
-        for q in chosen:
-            if q.video in found:
-                by_video[q.video].append(q)
-        stop_times: dict[str, set] = defaultdict(set)
-        for q in every:
-            stop_times[q.video].add(ask_time(q))
-        shards = sharding.assign_videos({v: len(qs) for v, qs in by_video.items()}, ctx.world_size)
-        mine = shards[ctx.rank]
-        done, _ = store.load_predictions(out)
-        todo_count = sum(1 for v in mine for q in by_video[v] if q.qid not in done)
-        log(f"[rank {ctx.rank}/{ctx.world_size}] {len(mine)} videos, {todo_count} questions to answer")
-        errors: list[str] = []
-        if todo_count:
-            factory = session_factory or default_session_factory(cfg, sharding.rank_device(ctx, cfg.device))
-            with store.PredictionWriter(store.prediction_path(out, ctx.rank, ctx.world_size)) as writer:
-                errors = _run_videos(cfg, mine, by_video, stop_times, found, done, factory, writer, ctx, log)
-        if errors:
-            store.write_atomic(out / f"errors.rank{ctx.rank:03d}.txt", "\n".join(errors) + "\n")
-        sharding.barrier(ctx)
-        if not ctx.is_main:
-            return None
-        all_errors = []
-        for p in sorted(out.glob("errors.rank*.txt")):
-            all_errors += [line for line in p.read_text(encoding="utf-8").splitlines() if line]
-        return _finish(cfg, chosen, found, missing, all_errors, out, log, time.perf_counter() - start)
+        with store.folder_lock(out) if ctx.is_main else nullcontext():
+            return _run(cfg, ctx, every, chosen, ann, found, missing, out, session_factory, log, start)
     finally:
         sharding.shutdown(ctx)
 
+
+def _run(cfg, ctx, every, chosen, ann, found, missing, out: Path, session_factory, log, start) -> dict | None:
+    invalid = invalid_count(cfg, ann)
+    if ctx.is_main:
+        store.check_config(out, cfg.result_key(), write=True)
+        for stale in out.glob("errors.rank*.txt"):  # failures of an earlier attempt are retried
+            stale.unlink()
+        for name in ("missing_videos.txt", "invalid_annotations.txt"):
+            (out / name).unlink(missing_ok=True)
+        if missing:
+            skipped = sum(1 for q in chosen if q.video not in found)
+            (out / "missing_videos.txt").write_text("".join(v + "\n" for v in missing), encoding="utf-8")
+            log(f"{len(missing)} of {len(missing) + len(found)} videos missing under {cfg.videos}: "
+                f"{skipped} questions skipped (list in {out / 'missing_videos.txt'}), e.g. {missing[:3]}")
+        if ann.problems:
+            (out / "invalid_annotations.txt").write_text("".join(p + "\n" for p in ann.problems), encoding="utf-8")
+            for line in _shown(ann.problems):
+                log(f"warning: skipped: {line}")
+            log(f"{_plural(invalid, 'invalid question')} skipped (list in {out / 'invalid_annotations.txt'})")
+    sharding.barrier(ctx)  # nobody writes before the configuration check passed
+
+    by_video: dict[str, list[Question]] = defaultdict(list)
+    for q in chosen:
+        if q.video in found:
+            by_video[q.video].append(q)
+    stop_times: dict[str, set] = defaultdict(set)
+    for q in every:
+        stop_times[q.video].add(ask_time(q))
+    shards = sharding.assign_videos({v: len(qs) for v, qs in by_video.items()}, ctx.world_size)
+    mine = shards[ctx.rank]
+    done, _ = store.load_predictions(out)
+    todo_count = sum(1 for v in mine for q in by_video[v] if q.qid not in done)
+    log(f"[rank {ctx.rank}/{ctx.world_size}] {len(mine)} videos, {todo_count} questions to answer")
+    errors: list[str] = []
+    if todo_count:
+        factory = session_factory or default_session_factory(cfg, sharding.rank_device(ctx, cfg.device))
+        with store.PredictionWriter(store.prediction_path(out, ctx.rank, ctx.world_size)) as writer:
+            errors = _run_videos(cfg, mine, by_video, stop_times, found, done, factory, writer, ctx, log)
+    if errors:
+        store.write_atomic(out / f"errors.rank{ctx.rank:03d}.txt", "\n".join(errors) + "\n")
+    sharding.barrier(ctx)
+    if not ctx.is_main:
+        return None
+    all_errors = []
+    for p in sorted(out.glob("errors.rank*.txt")):
+        all_errors += [line for line in p.read_text(encoding="utf-8").splitlines() if line]
+    return _finish(cfg, chosen, found, missing, invalid, all_errors, out, log, time.perf_counter() - start)

@@ -1,8 +1,10 @@
 """Scores as each benchmark defines them, and the final score table (JSON + Markdown).
 
 - OVO-Bench: accuracy per task -> mean of the task accuracies per category (backward,
-  real-time, forward) -> overall = mean of the category means. (``task_mean``, the mean
-  of all task accuracies, is reported beside it.)
+  real-time, forward) -> ``overall`` = mean of the category means, the figure the papers
+  report. Beside it ``task_mean``, the mean of all task accuracies, which the official
+  scorer prints as "Total Avg.". The two differ (the categories hold 3, 6 and 3 tasks),
+  so both are reported, each with its label (``labels``), never a bare "overall".
 - StreamingBench: accuracy per task type; overall = accuracy over all questions; also per
   required ability.
 - Offline multiple choice: accuracy per task and per duration group; overall over all.
@@ -49,6 +51,10 @@ def score_questions(questions: list[Question], responses: dict[str, str | None],
         out["categories"] = cats
         out["overall"] = _mean(c["accuracy"] for c in cats.values())
         out["task_mean"] = _mean(t["accuracy"] for t in tasks.values())
+        names = ", ".join(cats) or "none answered"
+        out["labels"] = {
+            "overall": f"overall: mean of the category means ({names}), the papers' figure",
+            "task_mean": "Total Avg.: mean of the task accuracies, the official scorer's figure"}
     else:
         out["groups"] = {g: {"correct": sum(v), "total": len(v), "accuracy": sum(v) / len(v)}
                          for g, v in sorted(per_group.items())}
@@ -104,8 +110,11 @@ def markdown_table(report: dict) -> str:
     s, cfg, usage = report["scores"], report.get("config", {}), report.get("usage", {})
     lines = [f"# {s['benchmark']} results", "", "| setting | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in cfg.items()]
-    lines += ["", f"Answered {s['answered']} of {s['expected']} questions"
-              f" ({report.get('missing_questions', 0)} skipped: video missing).", ""]
+    invalid = report.get("invalid_questions", 0)
+    skipped = [f"{report.get('missing_questions', 0)} skipped: video missing"]
+    if invalid:
+        skipped.append(f"{invalid} skipped: invalid annotation, see invalid_annotations.txt")
+    lines += ["", f"Answered {s['answered']} of {s['expected'] + invalid} questions ({'; '.join(skipped)}).", ""]
     if usage:
         lines.append(f"Time: {usage.get('time_s', 0):.1f} s in {usage.get('sessions', 0)} sessions "
                      f"({usage.get('ask_time_s', 0):.1f} s answering); this run's wall clock "
@@ -120,8 +129,8 @@ def markdown_table(report: dict) -> str:
     if "categories" in s:
         lines += ["| category | tasks | accuracy (%) |", "|---|---|---|"]
         lines += [f"| {c} | {', '.join(v['tasks'])} | {_pct(v['accuracy'])} |" for c, v in s["categories"].items()]
-        lines += [f"| **overall** (mean of categories) | | **{_pct(s['overall'])}** |",
-                  f"| mean of tasks | | {_pct(s['task_mean'])} |"]
+        lines += [f"| **{s['labels']['overall']}** | | **{_pct(s['overall'])}** |",
+                  f"| {s['labels']['task_mean']} | | {_pct(s['task_mean'])} |"]
     else:
         lines += ["| group | correct | total | accuracy (%) |", "|---|---|---|---|"]
         lines += [f"| {g} | {v['correct']} | {v['total']} | {_pct(v['accuracy'])} |" for g, v in s["groups"].items()]

@@ -38,6 +38,8 @@ A new family subclasses :class:`ModelAdapter` and registers with one line in
 
 from __future__ import annotations
 
+import functools
+import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence
@@ -290,13 +292,39 @@ class ModelAdapter(ABC):
         layout) appended to ``cache``, then ``lm_head`` as :meth:`forward` documents."""
         if logits not in ("none", "last", "all"):
             raise ValueError(f"logits must be 'none', 'last' or 'all', got {logits!r}")
+        kwargs[self._cache_keyword] = cache
         out = self.hf_model.model.language_model(
             inputs_embeds=embeds.to(self.device, self.dtype)[None], position_ids=position_ids.to(self.device),
-            past_key_values=cache, use_cache=True, **kwargs)
+            use_cache=True, **kwargs)
         if logits == "none":
             return None
         hidden = out.last_hidden_state[0]
         return self.hf_model.lm_head(hidden[-1] if logits == "last" else hidden).float()
+
+    @functools.cached_property
+    def _cache_keyword(self) -> str:
+        """The language model's name for its KV-cache argument: ``cache`` from transformers
+        5.24 (where ``past_key_values`` is deprecated), ``past_key_values`` before."""
+        params = inspect.signature(self.hf_model.model.language_model.forward).parameters
+        return "cache" if "cache" in params else "past_key_values"
+
+    def language_model_layers(self) -> list:
+        """The decoder layers of the language model, in order."""
+        return list(self.hf_model.model.language_model.layers)
+
+    def rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)``, float32 ``[L, head_dim]``: the rotation the language model's
+        attention applies to keys and queries at ``positions [P, L]`` (M-RoPE sections
+        folded in), from the model's own rotary module."""
+        lm = self.hf_model.model.language_model
+        pos = positions.to(self.device, torch.long)
+        probe = torch.empty(0, device=self.device, dtype=torch.float32)
+        cos, sin = lm.rotary_emb(probe, pos[:, None] if self.position_axes > 1 else pos)
+        n = positions.shape[-1]
+        if cos.dim() != 3 or cos.shape[:2] != (1, n):
+            raise RuntimeError(f"{type(lm.rotary_emb).__name__} returned rotations of shape {tuple(cos.shape)}, "
+                               f"expected [1, {n}, head_dim] (an unsupported transformers version?)")
+        return cos[0].float(), sin[0].float()
 
     @property
     def device(self) -> torch.device:

@@ -20,6 +20,7 @@ for an unpruned stream reproduces Hugging Face's consecutive positions exactly.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -149,6 +150,32 @@ def siglip_features(vision_tower, pixel_values: torch.Tensor, vision_feature_lay
     return taken[wanted[0]] if len(wanted) == 1 else torch.cat([taken[k] for k in wanted], dim=-1)
 
 
+@contextmanager
+def feature_capture(vision_tower, vision_feature_layer):
+    """Keeps the SigLIP hidden state(s) at ``vision_feature_layer`` of a tower call made inside
+    the ``with`` block, and only those (forward hooks on the embeddings / the layers that
+    produce them); yields a function returning them like :func:`siglip_features`.
+
+    The same tensors as ``vision_tower(px, output_hidden_states=True).hidden_states[layer]``,
+    without that flag's holding every layer's output until the tower returns."""
+    blocks = vision_tower.encoder.layers
+    wanted = _feature_layers(vision_feature_layer, len(blocks))
+    taken: dict[int, torch.Tensor] = {}
+
+    def keep(k: int):
+        def hook(module, args, out):
+            taken[k] = out[0] if isinstance(out, tuple) else out
+        return hook
+
+    handles = [(vision_tower.embeddings if k == 0 else blocks[k - 1]).register_forward_hook(keep(k))
+               for k in sorted(set(wanted))]
+    try:
+        yield lambda: taken[wanted[0]] if len(wanted) == 1 else torch.cat([taken[k] for k in wanted], dim=-1)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def pool_2x2(features: torch.Tensor, side: int) -> torch.Tensor:
     """``[T, side*side, D]`` -> ``[T, ceil(side/2), ceil(side/2), D]`` by bilinear
     interpolation (``LlavaOnevisionModel.apply_pooling``)."""
@@ -263,15 +290,15 @@ class LlavaOneVisionAdapter(ModelAdapter):
     @torch.no_grad()
     def encode(self, batch: VisualBatch, cacher_state: Any = None, cacher: Any = None) -> EncodedItems:
         """Pooled grids ``[T, s, s, D]``; with a cacher state the SigLIP tower runs through
-        ``cacher.encode_siglip`` (every frame is one cacher item)."""
+        ``cacher.encode_siglip`` (every frame is one cacher item), keeping only the hidden
+        state(s) of ``vision_feature_layer`` (:func:`feature_capture`)."""
         pixels = batch.pixel_values.to(self.device, self.dtype)
         hidden = None
         if cacher_state is not None:
-            out = cacher_of(cacher_state, cacher).encode_siglip(self.hf_model.model.vision_tower, pixels, cacher_state,
-                                       output_hidden_states=True)
-            layer = self.hf_model.config.vision_feature_layer
-            hs = out.hidden_states
-            hidden = hs[layer] if isinstance(layer, int) else torch.cat([hs[k] for k in layer], dim=-1)
+            tower = self.hf_model.model.vision_tower
+            with feature_capture(tower, self.hf_model.config.vision_feature_layer) as features:
+                cacher_of(cacher_state, cacher).encode_siglip(tower, pixels, cacher_state, output_hidden_states=False)
+            hidden = features()
         return EncodedItems(grids=encode_pixels(self.hf_model, pixels, hidden=hidden))
 
     # ---- layout ---------------------------------------------------------------------

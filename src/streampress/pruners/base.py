@@ -9,6 +9,13 @@ The base class does the bookkeeping so that a method file is mostly its scoring:
 - input validation (rank 4, floating dtype, D fixed within a stream, finite values);
 - conversion to float32 (the scores are always computed in float32, whatever the input
   dtype, so fp16/bf16 grids give the same masks as their float32 copies);
+- scale-free numerics (``unit_tokens``, ``grid_scale``): every method scores directions,
+  so multiplying a stream by a constant must not change a mask. A fixed epsilon in a norm
+  clamp breaks that for tiny grids (tokens of norm 1e-15 would be divided by 1e-12), and
+  squares overflow float32 for huge but finite ones (bfloat16 has float32's range). So
+  the epsilon is relative to the longest token of the grid, and a grid whose scale is far
+  from 1 is first multiplied by a power of two (exact, so the masks are bit-identical to
+  the unscaled grid's). Grids of ordinary scale take a fast path that adds no pass.
 - the per-stream state: a method's ``_prune(x, state)`` is pure, it returns the mask and
   the new state, and the base class stores the new state only after ``_prune`` returned.
   A call that raises therefore leaves the pruner exactly as it was.
@@ -27,9 +34,16 @@ from typing import Any
 
 import torch
 
-#: Smallest norm used when dividing by a token's norm (as ``torch.nn.functional.normalize``):
-#: an all-zero token gets cosine 0 with everything instead of NaN.
+#: Smallest norm used when dividing by a token's norm, relative to the longest token of its
+#: grid (as ``torch.nn.functional.normalize``'s eps, but scale-free): an all-zero token gets
+#: cosine 0 with everything instead of NaN.
 NORM_EPS = 1e-12
+#: Grids whose scale (largest token norm) lies in this range are scored as they are; the
+#: others are first rescaled by a power of two (see ``grid_scale``). Inside it, squares and
+#: their sums stay far from float32's overflow and underflow.
+SAFE_SCALE = (2.0**-32, 2.0**32)
+#: Floor of every norm clamp: the smallest normal float32 (an all-zero grid divides by it).
+TINY = torch.finfo(torch.float32).tiny
 
 
 class Pruner:
@@ -70,6 +84,16 @@ class Pruner:
         self._stream_shape: tuple[int, int, int] | None = None
         self._grids_seen = 0
         self._state: Any = None
+
+    def snapshot(self) -> tuple:
+        """The stream state as an opaque value for :meth:`restore` (no copy: ``_prune`` is
+        pure, so the state objects are never modified in place)."""
+        return self._stream_shape, self._grids_seen, self._state
+
+    def restore(self, snapshot: tuple) -> None:
+        """Return to the stream state ``snapshot`` (from :meth:`snapshot`) was taken in:
+        a session undoing a failed chunk, or a question's temporary item."""
+        self._stream_shape, self._grids_seen, self._state = snapshot
 
     def __call__(self, grids: torch.Tensor) -> torch.Tensor:
         """Keep mask ``[T, H, W]`` (bool, True = keep) for the next ``T`` grids of the stream."""
@@ -182,31 +206,68 @@ def require_finite(reduction: torch.Tensor, grids: torch.Tensor) -> None:
     """Raise ValueError unless ``grids`` is all finite.
 
     ``reduction`` is a reduction of ``grids`` the method computes anyway (per-token norms,
-    per-channel means): NaN and inf propagate through sums, so its total is finite only if
-    ``grids`` is. Checking that total costs one small op, whereas ``isfinite(grids)`` is a
-    full pass over the grids (milliseconds at 16x16x3584). Only when the total is not finite
-    does the full check run, to say what is wrong.
+    per-channel means, ``grid_peak``): NaN and inf propagate through it, so it is all finite
+    only if ``grids`` is. Checking it costs two small ops, whereas ``isfinite(grids)`` is a
+    full pass over the grids (milliseconds at 16x16x3584). Only when it is not finite does
+    the full check run, to say what is wrong.
     """
-    if math.isfinite(float(reduction.sum())):
+    if bool(torch.isfinite(reduction).all()):
         return
-    bad = ~torch.isfinite(grids).flatten(1).all(dim=1)
-    if bool(bad.any()):
-        t = int(bad.nonzero()[0, 0])
-        raise ValueError(f"grids must be finite: grid {t} of this call contains NaN or inf values")
+    check_finite(grids)
     raise ValueError(
         "grids contain values too large to score in float32 (a sum of squares or of values "
         "overflows); rescale the embeddings"
     )
 
 
-def unit_tokens(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """L2-normalise every token of ``x [..., D]`` (after checking that ``x`` is finite).
+def check_finite(grids: torch.Tensor) -> None:
+    """Raise ValueError naming the first grid of ``grids [T, ...]`` that holds NaN or inf."""
+    bad = ~torch.isfinite(grids).flatten(1).all(dim=1)
+    if bool(bad.any()):
+        t = int(bad.nonzero()[0, 0])
+        raise ValueError(f"grids must be finite: grid {t} of this call contains NaN or inf values")
 
-    ``out``: an optional buffer of ``x``'s shape to write into (saves an allocation).
+
+def in_safe_range(scale: torch.Tensor) -> bool:
+    """True if every grid's ``scale [T]`` (finite, nonzero) lies in ``SAFE_SCALE``."""
+    return bool(((scale >= SAFE_SCALE[0]) & (scale <= SAFE_SCALE[1])).all())
+
+
+def grid_peak(x: torch.Tensor) -> torch.Tensor:
+    """The largest absolute value of every grid of ``x [T, ...]``: ``[T]`` (NaN or inf if the
+    grid is not finite). One pass, no temporary, and it cannot overflow."""
+    low, high = torch.aminmax(x.flatten(1), dim=1)
+    return torch.maximum(-low, high)
+
+
+def grid_scale(x: torch.Tensor) -> torch.Tensor:
+    """Per grid of ``x [T, ...]`` (finite), the power of two ``2**-e`` that brings its
+    largest absolute value into [0.5, 1): ``[T]`` float32 (1 for an all-zero grid).
+
+    Multiplying by a power of two is exact, so the rescaled grid has the same directions
+    and, scored with a relative epsilon, gives exactly the masks of the original.
+    """
+    _, e = torch.frexp(grid_peak(x))
+    return torch.ldexp(torch.ones(e.shape, device=x.device), (-e).clamp_max(127))  # 2**148 overflows
+
+
+def unit_tokens(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """L2-normalise every token of ``x [T, ..., D]`` (after checking that ``x`` is finite).
+
+    Scale-free: a token shorter than ``NORM_EPS`` times the longest token of its grid is
+    divided by that floor instead (an all-zero token stays zero), and a grid whose longest
+    token is outside ``SAFE_SCALE`` (or whose squares overflow) is rescaled by a power of
+    two first. ``out``: an optional buffer of ``x``'s shape to write into.
     """
     norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    require_finite(norms, x)
-    return torch.div(x, norms.clamp_min(NORM_EPS), out=out)
+    peak = norms.flatten(1).amax(dim=1)  # [T]; NaN or inf if x is not finite or overflows
+    if not in_safe_range(peak):  # rare: tiny, huge, all-zero or non-finite grids
+        check_finite(x)
+        x = torch.mul(x, grid_scale(x).view((-1,) + (1,) * (x.dim() - 1)), out=out)
+        norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+        peak = norms.flatten(1).amax(dim=1)
+    floor = (peak * NORM_EPS).clamp_min_(TINY).view((-1,) + (1,) * (x.dim() - 1))
+    return torch.div(x, torch.maximum(norms, floor), out=out)
 
 
 def rowdot(a: torch.Tensor, b: torch.Tensor, work: torch.Tensor | None = None) -> torch.Tensor:

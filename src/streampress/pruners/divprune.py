@@ -1,13 +1,19 @@
 """DivPrune: per-grid greedy max-min diversity selection on cosine distance.
 
-Per grid, with cosine distance ``d(u, v) = 1 - cos(u, v)``: start from the token farthest
-from the grid mean (the mean of the raw embeddings), then repeatedly add the token whose
-minimum distance to the selected set is largest, until ``k`` tokens are selected. Ties go
-to the earlier token in raster order.
+Per grid, with cosine distance ``d(u, v) = 1 - cos(u, v)``: start from the token whose
+nearest *other* token is farthest (the largest minimum distance to every other token),
+then repeatedly add the token whose minimum distance to the selected set is largest, until
+``k`` tokens are selected. Ties go to the earlier token in raster order.
+
+The first pick is DivPrune's reference code's (it takes, per token, the second-smallest
+entry of its distance column: the smallest is the distance 0 to itself). Here the diagonal
+is excluded explicitly, so a duplicate token (distance 0, or a rounding error below the
+self-distance) cannot be mistaken for the token itself.
 
 The greedy loop is sequential in ``k`` by nature; every step is vectorised over the
 tokens and over all the grids of the call, from one batched Gram matrix. No state is
-carried across grids.
+carried across grids. The tokens are normalised with ``unit_tokens`` (relative epsilon,
+range-safe), so the selection does not depend on the scale of the embeddings.
 """
 
 from __future__ import annotations
@@ -19,13 +25,15 @@ from .base import Pruner, check_count, check_exclusive, check_keep_ratio, token_
 DEFAULT_KEEP_RATIO = 0.25
 
 
-def max_min_diverse(xn: torch.Tensor, mean_dir: torch.Tensor, k: int) -> torch.Tensor:
-    """Greedy max-min selection of ``k`` tokens per grid; ``xn [T, N, D]`` unit tokens,
-    ``mean_dir [T, D]`` unit grid means. Returns a bool mask ``[T, N]``."""
+def max_min_diverse(xn: torch.Tensor, k: int) -> torch.Tensor:
+    """Greedy max-min selection of ``k`` tokens per grid from unit tokens ``xn [T, N, D]``.
+    Returns a bool mask ``[T, N]``."""
     T, N, _ = xn.shape
     rows = torch.arange(T, device=xn.device)
     dist = 1.0 - torch.bmm(xn, xn.mT)  # [T, N, N]
-    first = (1.0 - torch.bmm(xn, mean_dir.unsqueeze(-1)).squeeze(-1)).argmax(dim=1)  # first max wins
+    # Distance to the nearest other token: the diagonal (self) excluded. N = 1: all inf, pick 0.
+    eye = torch.eye(N, dtype=torch.bool, device=xn.device)
+    first = dist.masked_fill(eye, float("inf")).amin(dim=2).argmax(dim=1)  # first max wins
     selected = torch.zeros((T, N), dtype=torch.bool, device=xn.device)
     selected[rows, first] = True
     min_dist = dist[rows, first]  # [T, N]
@@ -60,7 +68,5 @@ class DivPrunePruner(Pruner):
         T, H, W, D = x.shape
         N = H * W
         z = x.reshape(T, N, D)
-        xn = unit_tokens(z)
-        mean_dir = unit_tokens(z.mean(dim=1))
         k = token_budget(N, self.keep_ratio, self.tokens_per_grid)
-        return max_min_diverse(xn, mean_dir, k).view(T, H, W), None
+        return max_min_diverse(unit_tokens(z), k).view(T, H, W), None

@@ -100,8 +100,8 @@ METHODS: dict[str, MethodInfo] = {
             "divprune", "divprune", "DivPrunePruner",
             (_KEEP_RATIO,
              Param("tokens_per_grid", None, "instead of keep_ratio: tokens kept per grid")),
-            "Greedy max-min diversity on cosine distance, per grid, starting from the token farthest "
-            "from the grid mean.",
+            "Greedy max-min diversity on cosine distance, per grid, starting from the token whose "
+            "nearest other token is farthest.",
             "DivPrune (Alvar et al., CVPR 2025, arXiv:2503.02175)",
         ),
         MethodInfo(

@@ -21,6 +21,17 @@ Implementation notes (speed): the selected channels are a 0/1 channel mask rathe
 gather, and ``x`` is never materialised: ``||x_i - v||^2 = |x_i|^2 + |v|^2 - 2 (z_i . v) / n_i``
 for an anchor ``v`` that is zero outside the selected channels, so two matrix-vector
 products over the raw grid give every distance. The memory sum is kept in float64.
+
+Numerics (scale-free): the score depends on the grids only through directions (unit
+tokens, the normalised memory mean), so a stream multiplied by a constant must give the
+same masks. Tiny grids would hit an absolute epsilon in the norm clamps and huge but finite
+ones (x 1e20, or bfloat16 near its range) overflow float32 in the squares, turning every
+score into NaN and the selection into raster order. So: a grid whose RMS token norm is
+outside ``SAFE_SCALE`` (or whose variance or squared mean overflows) is scored as its copy
+multiplied by a power of two (exact), the memory receives the grid's mean in the original
+units (the copy's mean divided back, exact, in float64), the memory mean is divided by its
+largest component before it is normalised, and the norm clamps are relative to the grid.
+Grids of ordinary scale take the fast path, with no extra pass.
 """
 
 from __future__ import annotations
@@ -29,10 +40,13 @@ import torch
 
 from .base import (
     NORM_EPS,
+    TINY,
     Pruner,
     check_count,
     check_exclusive,
     check_keep_ratio,
+    grid_scale,
+    in_safe_range,
     keep_lowest,
     require_finite,
     token_budget,
@@ -88,20 +102,26 @@ def redundancy_scores(
 ) -> torch.Tensor:
     """STC's score per token, ``[T, N]`` (high = redundant).
 
-    ``z [T, N, D]`` raw tokens, ``var [T, D]`` their per-channel variance over tokens,
-    ``memory [T, D]`` the full-D memory mean seen by each grid (None: VidCom2's score,
-    frame anchor only); ``work`` an optional flat scratch buffer for ``z ** 2`` and
-    ``neg_gammas`` the cached kernel factors (see ``kernel``).
+    ``z [T, N, D]`` raw tokens (of a scale whose squares fit float32: see ``STCPruner``),
+    ``var [T, D]`` their per-channel variance over tokens, ``memory [T, D]`` the full-D
+    memory mean seen by each grid, any scale and dtype (None: VidCom2's score, frame anchor
+    only); ``work`` an optional flat scratch buffer for ``z ** 2`` and ``neg_gammas`` the
+    cached kernel factors (see ``kernel``).
     """
     N = z.shape[1]
     channels = select_channels(var)
     squares = torch.square(z, out=None if work is None else work[: z.numel()].view(z.shape))
     norms = torch.bmm(squares, channels.unsqueeze(-1)).squeeze(-1).sqrt_()  # selected-channel norms
-    inv = 1.0 / norms.clamp_min(NORM_EPS)
+    # Relative clamp: tokens far shorter than the grid's longest count as zero tokens.
+    floor = (norms.amax(dim=1, keepdim=True) * NORM_EPS).clamp_min_(TINY)
+    inv = 1.0 / torch.maximum(norms, floor)
     anchor = torch.bmm((inv / N).unsqueeze(1), z).squeeze(1) * channels  # mean of unit tokens
     anchors = [anchor]
     if memory is not None:
-        m = memory * channels
+        # Divided by its largest component first (in its own dtype): its squares cannot
+        # overflow, and the clamp is relative to the memory mean's scale.
+        memory = memory / memory.abs().amax(dim=-1, keepdim=True).clamp_min(TINY)
+        m = memory.to(z.dtype) * channels
         anchors.append(m / torch.linalg.vector_norm(m, dim=-1, keepdim=True).clamp_min(NORM_EPS))
     v = torch.stack(anchors, dim=1)  # [T, J, D]
     dots = torch.bmm(v, z.mT) * inv.unsqueeze(1)  # x_i . v, [T, J, N] (this layout is the fast gemm)
@@ -157,8 +177,15 @@ class STCPruner(Pruner):
         z = x.reshape(T, H * W, D)
         work = self._work(x)
         mean, var = token_statistics(z, work)
-        require_finite(mean, x)
-        memory, state = self._memory(mean, state) if self.uses_memory else (None, None)
+        raw_mean = mean
+        rms = (var + mean.square()).sum(dim=-1).sqrt()  # RMS token norm; inf if squares overflow
+        if not in_safe_range(rms):  # rare: tiny, huge, all-zero or non-finite grids
+            require_finite(mean, x)  # a mean does not overflow: this catches NaN and inf
+            scale = grid_scale(z)
+            z = z * scale.view(T, 1, 1)  # exact: same directions, squares now fit float32
+            mean, var = token_statistics(z, work)
+            raw_mean = mean.to(_stream_dtype(x.device)) / scale.to(_stream_dtype(x.device)).unsqueeze(1)
+        memory, state = self._memory(raw_mean, state) if self.uses_memory else (None, None)
         factors = self._cached(("kernel", x.device), lambda: kernel_factors(x.device))
         k = token_budget(H * W, self.keep_ratio, self.tokens_per_grid)
         keep = keep_lowest(redundancy_scores(z, var, memory, work, factors), k)
@@ -189,4 +216,4 @@ class STCPruner(Pruner):
             seq = torch.cat([history, means])  # [w - 1 + T, D]
             memory = seq.unfold(0, w, 1).sum(dim=-1) / counts.clamp_max(w).unsqueeze(1)
             new_state = (seq[T:].clone(), count + T)
-        return memory.to(torch.float32), new_state
+        return memory, new_state  # in the stream dtype: redundancy_scores rescales it
