@@ -20,7 +20,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTra
 import streampress
 import streampress.cacher.cacher as cacher_impl
 from streampress.cacher import core
-from streampress.cacher.qwen import QwenBlockParts
+from streampress.models.qwen_cacher import QwenBlockParts
 from streampress.models.llava_onevision import (LlavaOneVisionAdapter, encode_pixels, feature_capture,
                                                 siglip_features)
 from streampress.models.base import VisualBatch

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from streampress.eval.cli import main as eval_main
+from streampress.cli import main
 from streampress.eval.datasets import (load_benchmark, parse_timestamp, read_offline_mcq, resolve_videos,
                                        summarize)
 
@@ -42,6 +42,10 @@ SB_ENTRIES = [{"questions": [
     {"task_type": "Causal Reasoning", "question": "Why?", "time_stamp": "02:05", "answer": "C",
      "options": ["A. a", "B. b", "C. c", "D. d"], "audio_path": "./audio/real/x.wav", "time": "0:00:00 - 0:00:30"},
 ], "video_path": "./videos/sample_416_real.mp4"}]
+
+
+def eval_main(argv):
+    return main(["eval", *argv])
 
 
 def write(tmp_path, name, data):
@@ -143,11 +147,11 @@ def test_dry_run_cli(tmp_path, capsys):
     assert "videos present under" in out and "0 of 5 (8 questions would be skipped)" in out
     assert eval_main(["ovobench", "--annotations", str(tmp_path / "missing.json"), "--dry-run"]) == 1
     assert "no such file" in capsys.readouterr().err
-    assert eval_main(["ovobench", "--annotations", str(path), "--videos", str(tmp_path)]) == 1
+    assert eval_main(["ovobench", "--annotations", str(path), "--videos", str(tmp_path)]) == 2
     assert "--model is required" in capsys.readouterr().err
     assert eval_main(["ovobench", "--annotations", str(path), "--model", "random:qwen2.5-vl-tiny"]) == 1
     assert "videos: expected the folder" in capsys.readouterr().err
-    assert eval_main(["ovobench", "--annotations", str(path), "--dry-run", "--fps", "0"]) == 1
+    assert eval_main(["ovobench", "--annotations", str(path), "--dry-run", "--fps", "0"]) == 2
     assert "fps" in capsys.readouterr().err
 
 

@@ -15,13 +15,17 @@ from pathlib import Path
 import pytest
 from test_eval_runner import make_video, ovo_fixture
 
-from streampress.eval.cli import main as eval_main
+from streampress.cli import main
 from streampress.eval.runner import EvalConfig, evaluate
 from streampress.eval.store import load_predictions
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "random:qwen2.5-vl-tiny"
 QUIET = lambda s: None  # noqa: E731
+
+
+def eval_main(argv):
+    return main(["eval", *argv])
 
 
 def run_cfg(ann, root, out, **kw):

@@ -14,8 +14,8 @@ import pytest
 from test_eval_runner import FakeSession, frames, make_video, q
 
 import streampress
+from streampress.cli import main
 from streampress.eval import runner
-from streampress.eval.cli import main as eval_main
 from streampress.eval.datasets import Question, load_benchmark, parse_timestamp, resolve_videos
 from streampress.eval.protocol import run_stream
 from streampress.eval.runner import EvalConfig, evaluate
@@ -24,6 +24,10 @@ from streampress.eval.store import load_predictions
 
 MODEL = "random:qwen2.5-vl-tiny"
 PREFIX = "streampress eval: error: "
+
+
+def eval_main(argv):
+    return main(["eval", *argv])
 
 
 def mcq(i, video="COIN/aaa.mp4", **kw):
@@ -218,8 +222,9 @@ def test_dry_run_lists_the_problems_too(tmp_path, capsys):
 # ---- options, run_config.json, the lock ---------------------------------------------------
 
 @pytest.mark.parametrize("option,value,name", [
-    ("--max-new-tokens", "0", "--max-new-tokens"), ("--fps", "inf", "--fps"), ("--cacher-rho", "0", "rho"),
-    ("--keep-ratio", "5", "keep_ratio"), ("--window", "inf", "--window"), ("--cacher-interval", "0", "interval"),
+    ("--max-new-tokens", "0", "--max-new-tokens"), ("--fps", "inf", "--fps"), ("--cacher-rho", "0", "--cacher-rho"),
+    ("--keep-ratio", "5", "--keep-ratio"), ("--memory", "window:inf", "--memory"),
+    ("--cacher-interval", "0", "--cacher-interval"),
 ])
 def test_options_are_checked_before_anything_runs(tmp_path, videos, no_model, capsys, option, value, name):
     ann = write(tmp_path / "a.json", [mcq(0)])
@@ -228,7 +233,8 @@ def test_options_are_checked_before_anything_runs(tmp_path, videos, no_model, ca
     rc = eval_main(["ovobench", "--annotations", str(ann), "--videos", str(videos), "--model", MODEL,
                     "--method", "streaming_assistant", "--out", str(out), option, value, *extra])
     lines = errors(capsys.readouterr().err)
-    assert rc == 1 and len(lines) == 1 and lines[0].startswith(PREFIX) and name in lines[0], lines
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith(PREFIX) and name in lines[0], lines
+    assert repr(value) in lines[0]  # the bad value is named
     assert not (out / "run_config.json").exists()
 
 
@@ -239,8 +245,8 @@ def test_a_corrected_rerun_on_the_same_out_works(tmp_path, videos, monkeypatch, 
         return eval_main(["ovobench", "--annotations", str(ann), "--videos", str(videos), "--model", model,
                           "--method", "streaming_assistant", "--keep-ratio", keep_ratio, "--out", str(tmp_path / "o")])
 
-    assert run("5") == 1  # refused by the option check, before run_config.json
-    assert run("0.5", model="random:no-such-model") == 1  # fails later, but before any answer
+    assert run("5") == 2  # refused by the option check, before run_config.json
+    assert run("0.5", model="random:no-such-model") == 2  # so is an unknown architecture
     capsys.readouterr()
     monkeypatch.setattr(runner, "default_session_factory", lambda cfg, device: FakeSession)
     assert run("0.5") == 0, capsys.readouterr().err

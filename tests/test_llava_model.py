@@ -9,7 +9,8 @@ import torch
 import streampress
 from streampress.models.base import TEXT, VISUAL, PositionState
 from streampress.models.llava_onevision import (
-    LlavaOnevisionAdapter, LlavaOneVisionAdapter, build_config, pool_2x2, siglip_features)
+    LlavaOnevisionAdapter, LlavaOneVisionAdapter, pool_2x2, siglip_features)
+from streampress.models.random.llava_onevision import build_config
 from streampress.models.llava_onevision_preprocess import (
     DEFAULT_PREFIX, FramePreprocessor, as_frame_tensor, pooled_side, split_chat_template)
 

@@ -20,8 +20,8 @@ import torch
 import streampress
 from _model_helpers import StandInPruner, tiny
 from _qwen_oracle import frames_for
-from streampress.memory import QuestionInput, SlidingWindow
-from streampress.memory_retrieval import RetrievalMemory, attention_modules, block_scores, project_heads
+from streampress.memory import QuestionInput, RetrievalMemory, SlidingWindow
+from streampress.memory.retrieval import block_scores
 from streampress.models.base import text_positions
 from streampress.session import StreamingSession
 
@@ -185,7 +185,7 @@ def test_small_k_cache_holds_prefix_chosen_blocks_and_window(arch):
     frames = video(m, 10 * m.frames_per_item, seed=3)
     full = StreamingSession(m)
     ret = StreamingSession(m, memory=RetrievalMemory(window_seconds=1.0, top_k=k))
-    modules = attention_modules(m.hf_model)
+    modules = m.attention_modules()
     chunk_hidden = {}  # per layer: the hidden states the full session's video chunk enters with
 
     def capture_chunk(module, args, kwargs):
@@ -251,8 +251,9 @@ def test_small_k_cache_holds_prefix_chosen_blocks_and_window(arch):
         score = torch.einsum("hld,nhd->n", x[0], rep) / (x.shape[1] * n_q)
         assert sorted(score.topk(k).indices.tolist()) == picks[i]
         torch.testing.assert_close(store.summaries(i), summ.float(), rtol=1e-5, atol=1e-6)
-        # the query path is the attention's own (pre-RoPE): project_heads agrees with it
-        torch.testing.assert_close(project_heads(attn, captured[i], "q"), x, rtol=0, atol=0)
+        # the adapter's pre-RoPE query and key paths are the attention's own
+        torch.testing.assert_close(m.query_states(attn, captured[i]), x, rtol=0, atol=0)
+        torch.testing.assert_close(m.key_states(attn, chunk_hidden[i])[0], raw_keys, rtol=0, atol=0)
     assert any(p != list(range(k)) for p in picks) or n_off == k  # not just the first blocks
     # after answering: [prefix + window] again, offloaded blocks intact
     assert store.length() == live_len and len(store.offloaded) == n_off
@@ -321,7 +322,7 @@ def test_hooks_removed_and_cache_restored_when_forward_raises(monkeypatch):
     frames = video(m, 12)
     session = StreamingSession(m, memory=RetrievalMemory(window_seconds=1.0, top_k=2))
     feed(session, frames, [12])
-    modules = attention_modules(m.hf_model)
+    modules = m.attention_modules()
     hooks_before = [len(mod._forward_pre_hooks) for mod in modules]
     before = [(l.keys, l.values) for l in session.memory.cache.layers]
     reference = session.question_logits(Q)
@@ -346,7 +347,7 @@ def test_hooks_removed_and_cache_restored_when_forward_raises(monkeypatch):
 
 
 def test_host_arena_slabs_hold_blocks_without_overlap():
-    from streampress.memory_retrieval import _HostArena
+    from streampress.memory.retrieval import _HostArena
 
     arena = _HostArena(pinned=False, slabs=True)  # the pinned layout, without CUDA
     arena.SLAB = 1024
@@ -390,7 +391,7 @@ def test_identical_items_at_different_times_score_equally(arch):
 
 
 def modules_heads(m) -> int:
-    attn = attention_modules(m.hf_model)[0]
+    attn = m.attention_modules()[0]
     return attn.q_proj.out_features // attn.head_dim
 
 

@@ -15,7 +15,7 @@ from streampress.models import list_families, list_random_architectures, load_mo
 from streampress.models.base import VISUAL, PositionState
 from streampress.models.qwen import prompt_pieces
 from streampress.models.qwen_preprocess import QwenVisionParams, preprocess_frames, smart_resize
-from streampress.models.random_configs import build_config
+from streampress.models.random.qwen import build_config
 from streampress.models.tokenizer import ByteTokenizer
 
 
@@ -25,6 +25,9 @@ def test_registry_lists_families_and_random_archs():
     assert {"qwen", "llava_onevision"} <= names
     assert {"random:qwen2.5-vl-tiny", "random:qwen3-vl-tiny", "random:qwen2.5-vl-7b",
             "random:qwen2.5-vl-3b"} <= set(list_random_architectures())
+    # the registry's names (listed without torch) are exactly what the random builders build
+    from streampress.models.random import llava_onevision, qwen
+    assert set(list_random_architectures()) == {f"random:{a}" for a in qwen.ARCHS + llava_onevision.ARCHS}
     with pytest.raises(ValueError, match="unknown random architecture"):
         load_model("random:qwen9-vl")
     with pytest.raises(ValueError, match="without config.json"):

@@ -10,22 +10,11 @@ import pytest
 import torch
 
 import streampress
+from _pruner_helpers import PRUNER_MATRIX, config_ids, stream
 
-from _pruner_helpers import config_ids, stream
-
-#: Per registered method: its native rule with a setting that prunes a 4x5 grid, and its
-#: keep_ratio mode. A newly registered method must be added here (see the coverage test).
-MODES = {
-    "dtd": [{"tau": 0.8}, {"keep_ratio": 0.4}],
-    "mssavt": [{"tau": 0.5}, {"keep_ratio": 0.6}],
-    "streaming_assistant": [{"tau_t": 0.8, "tau_s": 0.5}, {"keep_ratio": 0.4}],
-    "stc": [{"tokens_per_grid": 6}, {"keep_ratio": 0.4, "window": 2}],
-    "evs": [{"keep_ratio": 0.4}],
-    "vidcom2": [{"tokens_per_grid": 6}, {"keep_ratio": 0.4}],
-    "divprune": [{"keep_ratio": 0.4}, {"tokens_per_grid": 6}],
-    "random": [{"keep_ratio": 0.4}],
-    "uniform": [{"keep_ratio": 0.4}],
-}
+#: Per registered method: a mild and an aggressive setting, both pruning a 4x5 grid (the
+#: shared matrix; a newly registered method must be added there, see the coverage test).
+MODES = PRUNER_MATRIX
 CONFIGS = [(name, params) for name, modes in MODES.items() for params in modes]
 IDS = config_ids(CONFIGS)
 CONTENT_FREE = {"random", "uniform"}

@@ -5,27 +5,12 @@ from functools import partial
 import pytest
 import torch
 
-import streampress
-
 import _pruner_helpers
-from _pruner_helpers import config_ids
+import streampress
+from _pruner_helpers import PRUNER_CONFIGS, config_ids
 
-CONFIGS = [
-    ("dtd", {"tau": 0.8}),
-    ("dtd", {"keep_ratio": 0.3}),
-    ("mssavt", {"tau": 0.5}),
-    ("streaming_assistant", {"tau_t": 0.8, "tau_s": 0.5}),
-    ("streaming_assistant", {"keep_ratio": 0.3}),
-    ("stc", {"tokens_per_grid": 4}),
-    ("stc", {"keep_ratio": 0.3, "window": 2}),
-    ("evs", {"keep_ratio": 0.3}),
-    ("vidcom2", {"tokens_per_grid": 4}),
-    ("divprune", {"keep_ratio": 0.3}),
-    ("random", {"keep_ratio": 0.3, "seed": 3}),
-    ("uniform", {"keep_ratio": 0.3}),
-]
+CONFIGS = PRUNER_CONFIGS
 IDS = config_ids(CONFIGS)
-TEMPORAL = {"dtd", "evs", "streaming_assistant"}
 stream = partial(_pruner_helpers.stream, H=3, W=4, D=6)  # smaller grids than the shared default
 
 
@@ -49,7 +34,7 @@ def bad_inputs(name):
         (inf, ValueError, "grids must be finite: grid 0 of this call"),
         (neg_inf, ValueError, "grids must be finite: grid 1 of this call"),
     ]
-    if name in TEMPORAL:
+    if streampress.create_pruner(name).fixed_grid_size:  # compares positions with the previous grid
         cases.append((stream(1, H=4, W=3), ValueError, "grids are 4x3 but this stream started with 3x4"))
     return cases
 

@@ -17,11 +17,10 @@ import torch
 
 import streampress
 import streampress.cacher.cacher as cacher_module
-import streampress.memory as memory_module
+import streampress.memory.base as memory_module
 from _model_helpers import StandInPruner, tiny
 from _qwen_oracle import frames_for
-from streampress.memory import SlidingWindow
-from streampress.memory_retrieval import RetrievalMemory, RetrievalStore
+from streampress.memory import RetrievalMemory, RetrievalStore, SlidingWindow
 from streampress.session import StreamingSession
 
 Q = "What happens in the video?"

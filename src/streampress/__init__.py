@@ -8,6 +8,7 @@ Public API (imported lazily so that ``import streampress`` and ``streampress lis
 - :class:`StreamingSession`: frames in, answers out, with a memory policy.
 - :class:`FullMemory`, :class:`SlidingWindow`, :class:`RetrievalMemory`: memory policies.
 - :mod:`streampress.video`: video sources (files, image folders, cameras and streams).
+- :mod:`streampress.protocols`: the typed contracts of pruners, memory policies and encoder reuse.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
-    if name in ("video", "pruners", "models", "cacher", "bench", "eval", "session", "memory"):
+    if name in ("video", "pruners", "models", "cacher", "bench", "eval", "session", "memory", "protocols"):
         return importlib.import_module(f"streampress.{name}")
     raise AttributeError(f"module 'streampress' has no attribute {name!r}")
 

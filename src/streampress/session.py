@@ -44,8 +44,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .memory import Block, QuestionInput, resolve_memory
-from .models.base import VISUAL, PositionState, TokenLayout, text_positions
+from .memory.base import Block, QuestionInput, resolve_memory
+from .models.base import VISUAL, ModelAdapter, PositionState, TokenLayout, text_positions
+from .protocols import EncoderReuse, MemoryPolicy, Pruner, StreamMemory
 
 __all__ = ["StreamingSession", "Answer"]
 
@@ -109,9 +110,11 @@ class StreamingSession:
     ``pruner``: any callable ``grids [T, H, W, D] -> keep [T, H, W]`` with ``reset()``, or
     None to keep everything; ``cacher``: an STC cacher (``new_state()``), or None;
     ``memory``: ``"full"``, :class:`streampress.SlidingWindow` or another policy.
+    (The contracts are the protocols of :mod:`streampress.protocols`.)
     """
 
-    def __init__(self, model, pruner=None, cacher=None, memory="full"):
+    def __init__(self, model: ModelAdapter | str, pruner: Pruner | None = None, cacher: EncoderReuse | None = None,
+                 memory: MemoryPolicy | str = "full"):
         if isinstance(model, str):
             from .models import load_model
 
@@ -127,7 +130,7 @@ class StreamingSession:
         self.pruner = pruner
         self.cacher = cacher
         self._cacher_state = cacher.new_state() if cacher is not None else None
-        self._policy = resolve_memory(memory)
+        self._policy: MemoryPolicy = resolve_memory(memory)
         self.reset()
 
     # ---- lifecycle ----------------------------------------------------------------------
@@ -137,7 +140,7 @@ class StreamingSession:
             self.pruner.reset()
         if self._cacher_state is not None and hasattr(self._cacher_state, "reset"):
             self._cacher_state.reset()
-        self._memory = self._policy.open(self.model)
+        self._memory: StreamMemory = self._policy.open(self.model)
         self._pending = None  # frames of an incomplete item, with their times
         self._pending_times = torch.zeros(0, dtype=torch.float64)
         self._last_time: float | None = None
@@ -432,7 +435,7 @@ class StreamingSession:
         return self._state
 
     @property
-    def memory(self):
+    def memory(self) -> StreamMemory:
         """The per-stream memory store (cache and item blocks)."""
         return self._memory
 

@@ -10,8 +10,9 @@ Example::
     with cacher.attach(hf_model) as handle:           # the model's own tower, cached
         hf_model.get_video_features(pixel_values_videos, video_grid_thw)
 
-Supported towers: Qwen2.5-VL and Qwen3-VL (an item is a temporal patch) and SigLIP as
-used by LLaVA-OneVision (an item is a frame).
+Supported towers: those a model family registers glue for in :mod:`streampress.models`
+(``register_family(..., vision_glue=...)``): Qwen2-VL, Qwen2.5-VL and Qwen3-VL (an item
+is a temporal patch) and SigLIP as used by LLaVA-OneVision (an item is a frame).
 """
 
 from __future__ import annotations

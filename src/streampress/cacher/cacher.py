@@ -6,6 +6,14 @@ everything around the blocks and returns exactly its own output type (Qwen2.5-VL
 ``BaseModelOutputWithPooling``, Qwen3-VL with DeepStack features, SigLIP with
 ``hidden_states`` on request). Inside a call, block ``l`` runs the reference items in full
 first and then all dependent items in one selective batch (ALGORITHMS.md section 5).
+
+Which tower a module is and how its blocks are called is model knowledge: each model
+family provides an :class:`~.core.EncoderGlue` next to its adapter and registers it under
+its towers' class names (``register_family(..., vision_glue=...)`` in
+:mod:`streampress.models`). :func:`find_vision_module` looks the glue up by class, so
+``attach`` and ``encode`` accept an adapter's tower, a whole Hugging Face model or a bare
+tower, and this package names no model type. (The glue imports :mod:`.core`; this module
+imports only the registry, which names the glue by string: no import circle.)
 """
 
 from __future__ import annotations
@@ -18,25 +26,25 @@ import torch
 from torch import nn
 from typing_extensions import Self
 
-from .core import BlockRef, dense_block, key_similarity, project_keys, selective_block
-from .qwen import QwenGlue, is_qwen_vision
-from .siglip import SiglipGlue, is_siglip_vision
+from ..models import vision_glue_for, vision_tower_names
+from .core import BlockRef, EncoderGlue, dense_block, key_similarity, project_keys, selective_block
 from .state import CacherState, CacherStats
 
 _MARK = "_streampress_stc_installation"
 _MISSING = object()
 
 
-def find_vision_module(model: nn.Module):
-    """``(tower, glue)`` for a vision tower or any model that contains one (first found)."""
+def find_vision_module(model: nn.Module) -> tuple[nn.Module, EncoderGlue]:
+    """``(tower, glue)`` for a vision tower or any model that contains one (first found, in
+    ``model.modules()`` order): a module whose class a model family registered glue for."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module (a vision tower or a model holding one), got {type(model).__name__}")
     for module in model.modules():
-        if is_qwen_vision(module):
-            return module, QwenGlue(module)
-        if is_siglip_vision(module):
-            return module, SiglipGlue(module)
-    raise ValueError(f"no supported vision tower (Qwen2.5-VL / Qwen3-VL / SigLIP) found in {type(model).__name__}")
+        glue = vision_glue_for(module)
+        if glue is not None:
+            return module, glue(module)
+    raise ValueError(f"no supported vision tower ({', '.join(vision_tower_names())}) found in "
+                     f"{type(model).__name__}")
 
 
 def _rows(t, index: torch.Tensor | None):
@@ -326,12 +334,7 @@ class StcCacher:
         if not isinstance(state, CacherState):
             raise TypeError(f"state must be a CacherState from cacher.new_state(), got {type(state).__name__}")
         module, glue = find_vision_module(visual_module)
-        if isinstance(glue, QwenGlue):
-            if grid_thw is None:
-                raise ValueError("grid_thw is required for a Qwen vision tower")
-            kwargs["grid_thw"] = grid_thw
-        elif grid_thw is not None:
-            raise ValueError("grid_thw must be None for a SigLIP tower (one item per frame)")
+        kwargs = glue.call_kwargs(grid_thw, kwargs)
         items, layout = glue.call_layout((pixel_values,), kwargs)
         inst = getattr(module, _MARK, None)
         temporary = inst is None

@@ -1,7 +1,8 @@
 """Model-agnostic block math of STC-Cacher (ALGORITHMS.md section 5).
 
 A vision-transformer block is ``h = x + Attn(LN1(x)); y = h + MLP(LN2(h))``. The encoder
-glue (``qwen.py``, ``siglip.py``) hands this module the block's pieces as a
+glue (an :class:`EncoderGlue` each model family provides: ``streampress.models.qwen_cacher``,
+``streampress.models.llava_onevision_cacher``) hands this module the block's pieces as a
 :class:`BlockParts` object and the items of one call as ``x [I, T, D]`` (I items of T
 tokens; attention never crosses an item). Two paths:
 
@@ -46,6 +47,23 @@ class BlockParts(Protocol):
     def qv(self, u: Tensor) -> tuple[Tensor, Tensor]: ...
     def out_proj(self, a: Tensor) -> Tensor: ...
     def mlp(self, h: Tensor) -> Tensor: ...
+
+
+class EncoderGlue(Protocol):
+    """What the cacher needs from one kind of vision tower (``glue_class(tower)``).
+
+    Each model family provides its glue next to its adapter (e.g.
+    ``streampress.models.qwen_cacher.QwenGlue``) and names it in its registration
+    (``register_family(..., vision_glue={tower class name: "module:Class"})``); the cacher
+    looks it up by the tower's class (:func:`streampress.models.vision_glue_for`)."""
+
+    def blocks(self) -> list: ...  # the tower's transformer blocks, in order
+    def parts(self, block) -> BlockParts: ...
+    def call_kwargs(self, grid_thw: Tensor | None, kwargs: dict) -> dict: ...  # keywords of a tower call
+    def call_layout(self, args: tuple, kwargs: dict) -> tuple[int, tuple]: ...  # (items, layout) of a call
+    def unpack(self, args: tuple, kwargs: dict, items: int, state, memo: dict
+               ) -> tuple[Tensor, Rope | None, AttentionPattern]: ...  # block call -> (x [I, T, D], rope, pattern)
+    def pack(self, y: Tensor) -> Tensor: ...  # [I, T, D] -> the block's output layout
 
 
 @dataclass(frozen=True)

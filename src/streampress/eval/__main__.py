@@ -1,8 +1,8 @@
-"""``python -m streampress.eval``: the ``streampress eval`` command on its own."""
+"""``python -m streampress.eval``: the ``streampress eval`` command on its own (also under torchrun)."""
 
 import sys
 
-from .cli import main
+from streampress.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["eval", *sys.argv[1:]]))

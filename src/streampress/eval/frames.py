@@ -14,11 +14,12 @@ from typing import Iterator
 import numpy as np
 
 
-def iter_frames(path: str | os.PathLike, fps: float | None) -> Iterator[tuple[np.ndarray, float]]:
+def iter_frames(path: str | os.PathLike, fps: float | None, size=None) -> Iterator[tuple[np.ndarray, float]]:
     """Yield ``(image uint8 [H, W, 3], timestamp seconds)`` in time order, sampled at ``fps``
-    (None = every frame). Errors are :class:`streampress.video.VideoError` (a ValueError)."""
+    (None = every frame), resized to ``size`` (see ``open_video``; None: as decoded). Errors
+    are :class:`streampress.video.VideoError` (a ValueError)."""
     from streampress.video import open_video
 
-    with open_video(str(path), fps=fps) as source:  # checks fps; closing stops the decoder
+    with open_video(str(path), fps=fps, size=size) as source:  # checks fps; closing stops the decoder
         for frame in source:
             yield frame.image, frame.timestamp

@@ -37,8 +37,11 @@ MODES = ("stream", "clip")
 @dataclass
 class EvalConfig:
     """Everything a run depends on. ``params`` are the pruner's parameters (``keep_ratio``,
-    ``tau``...); ``window`` (seconds) selects a sliding-window memory; ``cacher`` holds
-    STC-Cacher settings (``rho``, ``interval``) or None. ``top_logits`` > 0 records the k
+    ``tau``...); ``memory`` selects the session's memory policy: None (the full cache),
+    ``{"name": "window", "seconds": S}`` or ``{"name": "retrieval", "window_seconds": S,
+    "top_k": K, "block_items": N}`` (the policy's own arguments); ``size`` resizes frames
+    (the longer side, or ``(width, height)``); ``cacher`` holds STC-Cacher settings (``rho``,
+    ``interval``, ``refresh_threshold``) or None. ``top_logits`` > 0 records the k
     largest first-token logits of every question (one extra question forward each)."""
 
     benchmark: str
@@ -49,13 +52,14 @@ class EvalConfig:
     method: str = "none"
     params: dict = field(default_factory=dict)
     fps: float = 1.0
+    size: int | tuple[int, int] | None = None
     mode: str = "stream"
     chunk_frames: int = 16
     max_new_tokens: int = 16
     limit: int | None = None
     tasks: list[str] | None = None
     strict: bool = False
-    window: float | None = None
+    memory: dict | None = None
     cacher: dict | None = None
     dtype: str | None = None
     device: str | None = None
@@ -84,8 +88,12 @@ class EvalConfig:
         need(count(self.max_new_tokens, 1), "--max-new-tokens", "an integer >= 1", self.max_new_tokens)
         need(self.limit is None or count(self.limit, 1), "--limit", "a positive count", self.limit)
         need(count(self.top_logits, 0), "--top-logits", "an integer >= 0", self.top_logits)
-        need(self.window is None or number(self.window) and self.window > 0, "--window", "seconds > 0",
-             self.window)
+        try:
+            memory_policy(self.memory)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"--memory: expected None or a policy spec, got {self.memory!r} ({exc})") from None
+        sizes = [self.size] if isinstance(self.size, int) else list(self.size or [])
+        need(len(sizes) in (0, 1, 2) and all(count(v, 1) for v in sizes), "--size", "W or (W, H)", self.size)
         if self.method in ("none", "full"):
             need(not self.params, "--keep-ratio/--param", "no pruner parameters without a --method", self.params)
         else:
@@ -102,7 +110,7 @@ class EvalConfig:
     def result_key(self) -> dict:
         """The settings that determine answers: a resumed run must match them."""
         keys = ("benchmark", "model", "method", "params", "fps", "mode", "chunk_frames",
-                "max_new_tokens", "window", "cacher", "dtype", "seed")
+                "max_new_tokens", "memory", "size", "cacher", "dtype", "seed")
         d = {k: getattr(self, k) for k in keys}
         d["annotations"] = Path(self.annotations).name
         return json.loads(json.dumps(d))
@@ -196,10 +204,19 @@ def default_session_factory(cfg: EvalConfig, device: str) -> SessionFactory:
     def make():
         pruner = new_pruner()
         cacher = streampress.create_cacher(**cfg.cacher) if cfg.cacher else None
-        memory = streampress.SlidingWindow(seconds=cfg.window) if cfg.window else "full"
-        return streampress.StreamingSession(model, pruner=pruner, cacher=cacher, memory=memory)
+        return streampress.StreamingSession(model, pruner=pruner, cacher=cacher, memory=memory_policy(cfg.memory))
 
     return make
+
+
+def memory_policy(spec: dict | None):
+    """The session's ``memory`` for :attr:`EvalConfig.memory`: ``"full"`` or the policy."""
+    if not spec:
+        return "full"
+    import streampress
+
+    params = {k: v for k, v in spec.items() if k != "name"}
+    return {"window": streampress.SlidingWindow, "retrieval": streampress.RetrievalMemory}[spec["name"]](**params)
 
 
 def _record(q: Question, text: str, info: dict, cfg: EvalConfig, rank: int) -> dict:
@@ -219,10 +236,10 @@ def _run_videos(cfg, videos, by_video, stop_times, paths, done, factory, writer,
         emit = lambda q, text, info: writer.write(_record(q, text, info, cfg, ctx.rank))  # noqa: E731
         try:
             if cfg.mode == "stream":
-                run_stream(iter_frames(paths[video], cfg.fps), todo, stop_times[video], factory(), emit,
+                run_stream(iter_frames(paths[video], cfg.fps, cfg.size), todo, stop_times[video], factory(), emit,
                            cfg.chunk_frames, cfg.max_new_tokens, session_key=video, top_logits=cfg.top_logits)
             else:
-                run_clips(lambda: iter_frames(paths[video], cfg.fps), todo, factory, emit,
+                run_clips(lambda: iter_frames(paths[video], cfg.fps, cfg.size), todo, factory, emit,
                           cfg.chunk_frames, cfg.max_new_tokens, session_key=video, top_logits=cfg.top_logits)
         except Exception as exc:
             if cfg.raise_errors:
@@ -268,6 +285,9 @@ def evaluate(cfg: EvalConfig, session_factory: SessionFactory | None = None,
     try:
         every, chosen, ann = select_questions(cfg)
         found, missing = resolve_videos(chosen, cfg.videos)
+        if chosen and not found:
+            raise ValueError(f"--videos: none of the {len(missing)} videos of these questions is under "
+                             f"{cfg.videos} (e.g. {missing[0]})")
         out = Path(cfg.out)
         if ctx.is_main:
             out.mkdir(parents=True, exist_ok=True)

@@ -312,6 +312,43 @@ class ModelAdapter(ABC):
         """The decoder layers of the language model, in order."""
         return list(self.hf_model.model.language_model.layers)
 
+    # ---- attention internals (for memory policies that score cached keys) -------------
+    # The model knowledge a retrieval memory needs lives here, not in the memory: a family
+    # whose attention differs overrides these three methods.
+    def attention_modules(self) -> list:
+        """The self-attention module of every decoder layer, in layer order (module i runs
+        on cache layer i and is called with ``hidden_states`` and the KV cache). The default
+        expects Hugging Face's Qwen2-style attention (``q_proj``, ``k_proj``, ``head_dim``)."""
+        try:
+            mods = [layer.self_attn for layer in self.language_model_layers()]
+        except AttributeError as exc:
+            raise TypeError(f"expected decoder layers with self_attn (model.language_model.layers), got "
+                            f"{type(self.hf_model).__name__}") from exc
+        for m in mods:
+            if not all(hasattr(m, a) for a in ("q_proj", "k_proj", "head_dim")):
+                raise TypeError(f"expected decoder layers whose self_attn has q_proj, k_proj and head_dim, got "
+                                f"{type(m).__name__}")
+        return mods
+
+    def query_states(self, attn: Any, hidden: torch.Tensor) -> torch.Tensor:
+        """Query states ``[B, heads, L, head_dim]`` that attention module ``attn`` computes
+        from ``hidden [B, L, D]`` before RoPE: the projection (a family whose attention also
+        normalises each head, such as Qwen3, overrides this and :meth:`key_states`)."""
+        return self._head_states(attn.q_proj, None, attn.head_dim, hidden)
+
+    def key_states(self, attn: Any, hidden: torch.Tensor) -> torch.Tensor:
+        """Key states ``[B, kv_heads, L, head_dim]`` before RoPE, as :meth:`query_states`
+        (the cached keys are these, rotated at their positions)."""
+        return self._head_states(attn.k_proj, None, attn.head_dim, hidden)
+
+    @staticmethod
+    def _head_states(proj: Any, norm: Any, head_dim: int, hidden: torch.Tensor) -> torch.Tensor:
+        b, n, _ = hidden.shape
+        x = proj(hidden).view(b, n, -1, head_dim)
+        if norm is not None:
+            x = norm(x)
+        return x.transpose(1, 2)
+
     def rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(cos, sin)``, float32 ``[L, head_dim]``: the rotation the language model's
         attention applies to keys and queries at ``positions [P, L]`` (M-RoPE sections

@@ -19,7 +19,6 @@ for an unpruned stream reproduces Hugging Face's consecutive positions exactly.
 
 from __future__ import annotations
 
-import time
 from contextlib import contextmanager
 from typing import Any, Mapping, Sequence
 
@@ -31,100 +30,6 @@ from .base import (VISUAL, EncodedItems, ModelAdapter, PositionState, TokenLayou
 from .llava_onevision_preprocess import (DEFAULT_PREFIX, DEFAULT_QUESTION, FramePreprocessor, as_frame_tensor,
                                          pooled_side, read_chat_template, split_chat_template)
 from .tokenizer import ByteTokenizer
-
-LLAVA_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>")
-"""Special tokens of the built-in byte tokenizer for random LLaVA-OneVision models (ids 256-260)."""
-
-# SigLIP so400m-patch14-384 as LLaVA-OneVision uses it: 26 of its 27 blocks (the released
-# Hugging Face configs drop the last block and read the last hidden state, which is the
-# original model's "second to last layer"), no attention-pooling head.
-_SIGLIP_SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
-                      image_size=384, patch_size=14, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
-_ARCHS = {
-    "llava-onevision-7b": dict(
-        vision=_SIGLIP_SO400M,
-        text=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                  num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
-                  rms_norm_eps=1e-6, rope_theta=1000000.0, hidden_act="silu"),
-        std=0.02),
-    "llava-onevision-tiny": dict(
-        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                    image_size=70, patch_size=14, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6),
-        text=dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1 << 20,
-                  rms_norm_eps=1e-6, rope_theta=10000.0, hidden_act="silu"),
-        std=0.1),
-}
-ARCHS = tuple(_ARCHS)
-
-
-def build_config(arch: str, num_layers: int | None = None, vision_depth: int | None = None,
-                 vocab_size: int | None = None, tokenizer: ByteTokenizer | None = None):
-    """The ``LlavaOnevisionConfig`` of a built-in architecture, optionally cut to
-    ``num_layers`` LLM layers and ``vision_depth`` SigLIP blocks (and ``vocab_size``).
-
-    Special-token ids are those of the built-in byte tokenizer (all below ``vocab_size``).
-    """
-    from transformers import LlavaOnevisionConfig
-
-    if arch not in _ARCHS:
-        raise ValueError(f"unknown random architecture {arch!r}; expected one of {list(ARCHS)}")
-    spec = _ARCHS[arch]
-    vision = dict(spec["vision"], model_type="siglip_vision_model", vision_use_head=False)
-    text = dict(spec["text"], model_type="qwen2", tie_word_embeddings=False, use_sliding_window=False)
-    text["rope_parameters"] = {"rope_type": "default", "rope_theta": text.pop("rope_theta")}
-    if num_layers is not None:
-        text["num_hidden_layers"] = positive_int("num_layers", num_layers)
-    if vision_depth is not None:
-        vision["num_hidden_layers"] = positive_int("vision_depth", vision_depth)
-    if vocab_size is not None:
-        text["vocab_size"] = positive_int("vocab_size", vocab_size)
-    tok = tokenizer or ByteTokenizer(LLAVA_SPECIAL_TOKENS)
-    if tok.vocab_size > text["vocab_size"]:
-        raise ValueError(f"vocab_size must be at least {tok.vocab_size} (the byte tokenizer's size), "
-                         f"got {text['vocab_size']}")
-    ids = dict(image_token_index=tok.token_id("<image>"), video_token_index=tok.token_id("<video>"))
-    text.update(bos_token_id=tok.token_id("<|endoftext|>"), eos_token_id=tok.token_id("<|im_end|>"),
-                pad_token_id=tok.token_id("<|endoftext|>"))
-    config = LlavaOnevisionConfig(vision_config=vision, text_config=text, vision_feature_layer=-1,
-                                  vision_feature_select_strategy="full", projector_hidden_act="gelu",
-                                  tie_word_embeddings=False, **ids)
-    config.text_config.initializer_range = spec["std"]
-    return config
-
-
-@torch.no_grad()
-def build_random_model(config, dtype: torch.dtype, device: torch.device | str, seed: int = 0):
-    """``LlavaOnevisionForConditionalGeneration`` with random weights, built fast on ``device``.
-
-    Modules are constructed directly on ``device`` in ``dtype`` with transformers'
-    initialisation switched off, then filled in place from a seeded generator: weights
-    ``normal_(0, initializer_range)``, norm scales 1, biases 0, ``image_newline``
-    ``normal_(0, 1/sqrt(D))``. Buffers (rotary frequencies, SigLIP position ids) are
-    computed by the modules at construction.
-    """
-    from transformers import LlavaOnevisionForConditionalGeneration
-    from transformers.initialization import no_init_weights
-
-    t0 = time.perf_counter()
-    device = torch.device(device)
-    with torch.device(device), no_init_weights():
-        model = LlavaOnevisionForConditionalGeneration._from_config(config, dtype=dtype)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    std = config.text_config.initializer_range
-    for name, param in model.named_parameters():
-        if name.endswith("image_newline"):
-            param.normal_(0.0, config.text_config.hidden_size ** -0.5, generator=gen)
-        elif name.endswith(".bias"):
-            param.zero_()
-        elif param.ndim == 1:  # LayerNorm / RMSNorm scales
-            param.fill_(1.0)
-        else:
-            param.normal_(0.0, std, generator=gen)
-    model.eval()
-    model.build_seconds = time.perf_counter() - t0
-    return model
-
 
 def _feature_layers(vision_feature_layer, num_layers: int) -> list[int]:
     """Hidden-state indices (0 = embeddings, i = output of block i) a config selects."""
@@ -241,16 +146,19 @@ class LlavaOneVisionAdapter(ModelAdapter):
     def from_random(cls, arch: str, dtype=None, device=None, num_layers: int | None = None,
                     vision_depth: int | None = None, vocab_size: int | None = None, seed: int = 0,
                     max_context: int | None = None, attn_implementation: str = "sdpa") -> "LlavaOneVisionAdapter":
-        """A built-in random-weight architecture (``llava-onevision-tiny`` / ``-7b``) with the
-        byte-level tokenizer and the original LLaVA-OneVision chat template."""
+        """A built-in random-weight architecture (:mod:`.random.llava_onevision`:
+        ``llava-onevision-tiny`` / ``-7b``) with the byte-level tokenizer and the original
+        LLaVA-OneVision chat template."""
+        from .random import llava_onevision as spec
+
         dtype, device = resolve_dtype_device(dtype, device)
-        tokenizer = ByteTokenizer(LLAVA_SPECIAL_TOKENS)
-        config = build_config(arch, num_layers=num_layers, vision_depth=vision_depth, vocab_size=vocab_size,
-                              tokenizer=tokenizer)
+        tokenizer = spec.tokenizer()
+        config = spec.build_config(arch, num_layers=num_layers, vision_depth=vision_depth, vocab_size=vocab_size,
+                                   tokenizer=tokenizer)
         if max_context is not None:
             config.text_config.max_position_embeddings = positive_int("max_context", max_context)
         config._attn_implementation = attn_implementation
-        model = build_random_model(config, dtype=dtype, device=device, seed=seed)
+        model = spec.build_model(config, dtype=dtype, device=device, seed=seed)
         size = config.vision_config.image_size
         return cls(model, tokenizer, FramePreprocessor(size=(size, size)), name=f"random:{arch}")
 
@@ -290,14 +198,14 @@ class LlavaOneVisionAdapter(ModelAdapter):
     @torch.no_grad()
     def encode(self, batch: VisualBatch, cacher_state: Any = None, cacher: Any = None) -> EncodedItems:
         """Pooled grids ``[T, s, s, D]``; with a cacher state the SigLIP tower runs through
-        ``cacher.encode_siglip`` (every frame is one cacher item), keeping only the hidden
-        state(s) of ``vision_feature_layer`` (:func:`feature_capture`)."""
+        ``cacher.encode(tower, pixels, None, state)`` (every frame is one cacher item),
+        keeping only the hidden state(s) of ``vision_feature_layer`` (:func:`feature_capture`)."""
         pixels = batch.pixel_values.to(self.device, self.dtype)
         hidden = None
         if cacher_state is not None:
             tower = self.hf_model.model.vision_tower
             with feature_capture(tower, self.hf_model.config.vision_feature_layer) as features:
-                cacher_of(cacher_state, cacher).encode_siglip(tower, pixels, cacher_state, output_hidden_states=False)
+                cacher_of(cacher_state, cacher).encode(tower, pixels, None, cacher_state, output_hidden_states=False)
             hidden = features()
         return EncodedItems(grids=encode_pixels(self.hf_model, pixels, hidden=hidden))
 

@@ -31,7 +31,6 @@ import torch
 from .base import (VISUAL, EncodedItems, ModelAdapter, PositionState, TokenLayout, VisualBatch, cacher_of,
                    resolve_dtype_device, text_positions)
 from .qwen_preprocess import QwenVisionParams, preprocess_frames
-from .tokenizer import ByteTokenizer
 
 _SENTINEL = "\x00QUESTION\x00"
 _BUILTIN_PROMPTS = {
@@ -107,19 +106,19 @@ class QwenAdapter(ModelAdapter):
                     vision_depth: int | None = None, vocab_size: int | None = None, seed: int = 0,
                     max_context: int | None = None, attn_implementation: str = "sdpa",
                     hidden_size: int | None = None, **params):
-        """A built-in random-weight architecture (:mod:`.random_configs`) with the byte tokenizer.
-        ``hidden_size`` narrows the LLM (see :func:`.random_configs.build_config`);
+        """A built-in random-weight architecture (:mod:`.random.qwen`) with the byte tokenizer.
+        ``hidden_size`` narrows the LLM (see :func:`.random.qwen.build_config`);
         ``params`` override preprocessing fields (e.g. ``min_pixels``, ``max_pixels``)."""
-        from .random_configs import build_config, build_random_model
+        from .random import qwen as spec
 
         dtype, device = resolve_dtype_device(dtype, device)
-        tokenizer = ByteTokenizer()
-        config = build_config(arch, num_layers=num_layers, vision_depth=vision_depth, vocab_size=vocab_size,
-                              tokenizer=tokenizer, hidden_size=hidden_size)
+        tokenizer = spec.tokenizer()
+        config = spec.build_config(arch, num_layers=num_layers, vision_depth=vision_depth, vocab_size=vocab_size,
+                                   tokenizer=tokenizer, hidden_size=hidden_size)
         if max_context is not None:
             config.text_config.max_position_embeddings = int(max_context)
         config._attn_implementation = attn_implementation
-        model = build_random_model(config, dtype, device, seed=seed)
+        model = spec.build_model(config, dtype, device, seed=seed)
         vision = _override(QwenVisionParams.defaults(config.model_type), config, params)
         if arch.endswith("-tiny") and "min_pixels" not in params:
             # Tiny models serve tests and demos: let tiny frames stay tiny (one merged token).
@@ -252,6 +251,13 @@ class QwenAdapter(ModelAdapter):
             kwargs["visual_pos_masks"] = visual_mask.to(self.device)[None]
             kwargs["deepstack_visual_embeds"] = list(deepstack.to(self.device, self.dtype).unbind(1))
         return self._run_language_model(embeds, positions[:, None], cache, logits, **kwargs)
+
+    # ---- attention internals: Qwen3 normalises each head's queries and keys ----------
+    def query_states(self, attn: Any, hidden: torch.Tensor) -> torch.Tensor:
+        return self._head_states(attn.q_proj, attn.q_norm if self._qwen3 else None, attn.head_dim, hidden)
+
+    def key_states(self, attn: Any, hidden: torch.Tensor) -> torch.Tensor:
+        return self._head_states(attn.k_proj, attn.k_norm if self._qwen3 else None, attn.head_dim, hidden)
 
 
 def _override(params: QwenVisionParams, config, overrides: dict) -> QwenVisionParams:

@@ -21,6 +21,7 @@ _LAZY = {
     "describe_methods": "registry",
     "METHODS": "registry",
     "Pruner": "base",
+    "ScorePruner": "base",
     "DTDPruner": "dtd",
     "EVSPruner": "dtd",
     "MSSAVTPruner": "mssavt",

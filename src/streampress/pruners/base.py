@@ -4,7 +4,17 @@ A pruner belongs to one stream. ``keep = pruner(grids)`` takes the next ``T`` gr
 the stream as a float tensor ``[T, H, W, D]`` and returns a bool tensor ``[T, H, W]``
 (True = keep) on the same device. ``pruner.reset()`` starts a new stream.
 
-The base class does the bookkeeping so that a method file is mostly its scoring:
+Two base classes:
+
+- ``Pruner`` does the bookkeeping (below); a method implements ``_prune(x, state) ->
+  (keep, new_state)``. Only methods whose mask is not a per-token ranking use it directly
+  (DivPrune: a greedy selection where each pick depends on the previous ones).
+- ``ScorePruner(Pruner)`` is for everything else (in the spirit of kvpress's
+  ``ScorerPress``): a method implements ``score(x, state) -> (scores, new_state)`` only,
+  and the base owns the budget, the ties and the commit, so that every method gets the
+  same budget semantics from the same ten lines instead of re-implementing them.
+
+``Pruner`` bookkeeping:
 
 - input validation (rank 4, floating dtype, D fixed within a stream, finite values);
 - conversion to float32 (the scores are always computed in float32, whatever the input
@@ -20,10 +30,18 @@ The base class does the bookkeeping so that a method file is mostly its scoring:
   the new state, and the base class stores the new state only after ``_prune`` returned.
   A call that raises therefore leaves the pruner exactly as it was.
 
-Budget: every method has its native rule (a threshold or a count) and a ``keep_ratio``
-mode that keeps exactly ``ceil(keep_ratio * H * W)`` tokens per grid, except where the
-method cannot drop that many (the first grid of a DTD stream, MSSAVT's checkerboard):
-then it keeps more. The real number kept per grid is ``keep.sum(dim=(1, 2))``.
+Budget (``ScorePruner.select``), one of, fixed at construction:
+
+- ``threshold``: drop the tokens with ``score > threshold`` (DTD's and MSSAVT's ``tau``);
+- ``keep_ratio``: keep exactly ``ceil(keep_ratio * H * W)`` tokens per grid;
+- ``tokens_per_grid``: keep ``min(tokens_per_grid, H * W)`` tokens per grid.
+
+Scores: higher = more redundant = dropped first. Ties go by raster order (the earlier
+token is kept), whatever the sort algorithm or device. Structural rules that are not
+scores are scores too: ``NEVER_DROP`` (-inf) marks a token that may not be dropped in any
+mode (DTD's first grid of a stream, the tokens off MSSAVT's checkerboard), so a budget
+mode keeps more than its count where too few tokens may go. The real number kept per grid
+is ``keep.sum(dim=(1, 2))``.
 """
 
 from __future__ import annotations
@@ -44,12 +62,15 @@ NORM_EPS = 1e-12
 SAFE_SCALE = (2.0**-32, 2.0**32)
 #: Floor of every norm clamp: the smallest normal float32 (an all-zero grid divides by it).
 TINY = torch.finfo(torch.float32).tiny
+#: The score of a token that may not be dropped in any budget mode (a structural rule).
+NEVER_DROP = float("-inf")
 
 
 class Pruner:
-    """Base class of all pruners: validation, per-stream state, budget helpers.
+    """Base class of all pruners: validation, per-stream state and its commit.
 
-    Subclasses set ``name``, pass their effective parameters to ``__init__`` and
+    Methods that rank tokens by a score subclass :class:`ScorePruner` instead. Direct
+    subclasses set ``name``, pass their effective parameters to ``__init__`` and
     implement ``_prune(x, state) -> (keep, new_state)`` where ``x`` is a validated
     float32 tensor ``[T, H, W, D]`` with ``T >= 1``. ``_prune`` must not modify ``self``'s
     stream state (caches derived only from shapes are fine) and must check finiteness
@@ -174,31 +195,78 @@ class Pruner:
         return x if x.dtype == torch.float32 else x.float()
 
 
-class ThresholdPruner(Pruner):
+class ScorePruner(Pruner):
+    """A pruner defined by a per-token redundancy score; the base owns the budget.
+
+    Subclasses set ``name`` (and ``param_names`` when they have parameters besides
+    ``keep_ratio``), set their own parameters as attributes, call
+    ``super().__init__(threshold=... | keep_ratio=... | tokens_per_grid=...)`` with exactly
+    one budget, and implement :meth:`score`. ``params`` is ``{n: getattr(self, n) for n in
+    param_names}``, read once here (so set the attributes first).
+    """
+
+    #: The public parameters, as ``create_pruner`` takes them (attribute names, in order).
+    param_names: tuple[str, ...] = ("keep_ratio",)
+
+    def __init__(
+        self,
+        *,
+        threshold: float | None = None,
+        keep_ratio: float | None = None,
+        tokens_per_grid: int | None = None,
+    ) -> None:
+        if sum(v is not None for v in (threshold, keep_ratio, tokens_per_grid)) != 1:
+            raise TypeError(f"{type(self).__name__}: give exactly one of threshold, keep_ratio, tokens_per_grid")
+        self.threshold = None if threshold is None else check_threshold(threshold, "threshold")
+        self.keep_ratio = None if keep_ratio is None else check_keep_ratio(keep_ratio)
+        self.tokens_per_grid = None if tokens_per_grid is None else check_count(tokens_per_grid, "tokens_per_grid")
+        super().__init__(**{n: getattr(self, n) for n in self.param_names})
+
+    def score(self, x: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
+        """Redundancy ``scores [T, H, W]`` (float, high = dropped first) of the validated
+        float32 grids ``x [T, H, W, D]``, and the new stream state.
+
+        Pure, like ``_prune``: ``state`` is what the previous call returned (None at the
+        start of a stream) and must not be modified in place. Must check that ``x`` is
+        finite (``unit_tokens``, ``require_finite`` or ``safe_grids`` do). ``NEVER_DROP``
+        marks tokens that may not be dropped.
+        """
+        raise NotImplementedError
+
+    def select(self, scores: torch.Tensor) -> torch.Tensor:
+        """Keep mask ``[T, H, W]`` (bool) from ``scores [T, H, W]`` under this pruner's budget."""
+        if self.threshold is not None:
+            return scores <= self.threshold
+        T, H, W = scores.shape
+        k = token_budget(H * W, self.keep_ratio, self.tokens_per_grid)
+        return keep_lowest(scores.reshape(T, H * W), k).view(T, H, W)
+
+    def _prune(self, x: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
+        scores, state = self.score(x, state)
+        if scores.shape != x.shape[:3]:
+            raise RuntimeError(
+                f"{type(self).__name__}.score returned scores of shape {tuple(scores.shape)}, "
+                f"expected {tuple(x.shape[:3])} (one per token)"
+            )
+        return self.select(scores), state  # Pruner.__call__ commits the state
+
+
+class ThresholdPruner(ScorePruner):
     """A method with one cosine-similarity threshold ``tau`` or, instead, a ``keep_ratio``.
 
-    Subclasses set ``default_tau`` and score every token (high = redundant); ``_keep``
-    turns the scores into the mask: ``score <= tau`` kept, or the ``ceil(keep_ratio*H*W)``
-    lowest per grid (a ``-inf`` score is never dropped in either mode).
+    Subclasses set ``default_tau`` and implement ``score``: ``score > tau`` is dropped, or
+    all but the ``ceil(keep_ratio*H*W)`` lowest per grid.
     """
 
     default_tau: float
+    param_names = ("tau", "keep_ratio")
 
     def __init__(self, *, tau: float | None = None, keep_ratio: float | None = None) -> None:
         check_exclusive(keep_ratio, tau=tau)
         if keep_ratio is None:
             tau = check_threshold(self.default_tau if tau is None else tau, "tau")
-        else:
-            keep_ratio = check_keep_ratio(keep_ratio)
         self.tau = tau
-        self.keep_ratio = keep_ratio
-        super().__init__(tau=tau, keep_ratio=keep_ratio)
-
-    def _keep(self, scores: torch.Tensor) -> torch.Tensor:
-        """Keep mask ``[T, H, W]`` from the redundancy ``scores [T, H, W]``."""
-        if self.keep_ratio is None:
-            return scores <= self.tau
-        return keep_lowest_per_grid(scores, self.keep_ratio)
+        super().__init__(threshold=tau, keep_ratio=keep_ratio)
 
 
 # --------------------------------------------------------------------- helpers
@@ -251,6 +319,19 @@ def grid_scale(x: torch.Tensor) -> torch.Tensor:
     return torch.ldexp(torch.ones(e.shape, device=x.device), (-e).clamp_max(127))  # 2**148 overflows
 
 
+def safe_grids(x: torch.Tensor) -> torch.Tensor:
+    """``x [T, ...]`` after checking that it is finite, with every grid whose largest value is
+    outside ``SAFE_SCALE`` multiplied by a power of two (exact) that brings it into [0.5, 1).
+
+    For scores of magnitudes (norms, sums of squares): they then cannot overflow float32,
+    and a stream multiplied by a constant ranks its tokens the same. Grids of ordinary scale
+    are returned as they are (no copy)."""
+    if in_safe_range(grid_peak(x)):
+        return x
+    check_finite(x)
+    return x * grid_scale(x).view((-1,) + (1,) * (x.dim() - 1))
+
+
 def unit_tokens(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """L2-normalise every token of ``x [T, ..., D]`` (after checking that ``x`` is finite).
 
@@ -295,13 +376,6 @@ def keep_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
     keep = torch.zeros((T, N), dtype=torch.bool, device=scores.device)
     keep.scatter_(1, order, True)
     return keep | torch.isneginf(scores)
-
-
-def keep_lowest_per_grid(scores: torch.Tensor, keep_ratio: float) -> torch.Tensor:
-    """``keep_lowest`` on every grid of ``scores [T, H, W]`` with the budget
-    ``ceil(keep_ratio * H * W)``: bool ``[T, H, W]``."""
-    T, H, W = scores.shape
-    return keep_lowest(scores.reshape(T, H * W), ratio_budget(keep_ratio, H * W)).view(T, H, W)
 
 
 def token_budget(n: int, keep_ratio: float | None, tokens_per_grid: int | None) -> int:

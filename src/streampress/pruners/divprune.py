@@ -10,6 +10,12 @@ entry of its distance column: the smallest is the distance 0 to itself). Here th
 is excluded explicitly, so a duplicate token (distance 0, or a rounding error below the
 self-distance) cannot be mistaken for the token itself.
 
+Why DivPrune subclasses the plain ``Pruner`` and not ``ScorePruner``: a token's worth
+depends on the tokens already picked, so there is no per-token score to rank once. (The
+greedy pick order could serve as one, but computing it costs N - 1 sequential steps
+instead of k - 1, four times as many at keep_ratio 0.25, and a threshold mode would mean
+nothing.) It shares the budget rule through ``token_budget``.
+
 The greedy loop is sequential in ``k`` by nature; every step is vectorised over the
 tokens and over all the grids of the call, from one batched Gram matrix. No state is
 carried across grids. The tokens are normalised with ``unit_tokens`` (relative epsilon,

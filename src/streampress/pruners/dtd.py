@@ -11,6 +11,9 @@ Grid t is compared with the immediately previous grid of the stream (not with th
 ``keep_ratio`` mode drops the ``N - k`` tokens with the highest ``sim_t`` per grid
 (``k = ceil(keep_ratio * H * W)``); the first grid still keeps all its tokens. This is the
 streaming, per-grid form of EVS, registered as ``evs``.
+
+Both are ``ScorePruner``s (via ``ThresholdPruner``): the score is ``sim_t``, and the first
+grid of a stream scores ``NEVER_DROP``, which is how "kept whole" holds in both modes.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import NamedTuple
 
 import torch
 
-from .base import ThresholdPruner, rowdot, unit_tokens
+from .base import NEVER_DROP, ThresholdPruner, rowdot, unit_tokens
 
 #: TimeChat-Online's conservative published operating point (drops ~45% of video tokens;
 #: tau = 0.25 drops ~85%).
@@ -33,11 +36,11 @@ def temporal_similarity(
     """``cos(x_t, x_{t-1})`` per position, ``[T, H, W]``, from unit tokens ``xn [T, H, W, D]``.
 
     ``prev`` is the unit-normalised grid before ``xn[0]`` (``[H, W, D]``), or None at the
-    start of a stream: the first grid then scores ``-inf`` (nothing to compare with, never
-    dropped). ``work``: optional scratch buffer (see ``rowdot``).
+    start of a stream: the first grid then scores ``NEVER_DROP`` (-inf: nothing to compare
+    with). ``work``: optional scratch buffer (see ``rowdot``).
     """
     if prev is None:
-        first = torch.full((1,) + xn.shape[1:3], float("-inf"), device=xn.device)
+        first = torch.full((1,) + xn.shape[1:3], NEVER_DROP, device=xn.device)
     else:
         first = rowdot(xn[:1], prev, work)  # prev broadcasts: [1, H, W]
     if xn.shape[0] == 1:
@@ -87,10 +90,10 @@ class DTDPruner(ThresholdPruner):
     fixed_grid_size = True
     default_tau = DEFAULT_TAU
 
-    def _prune(self, x: torch.Tensor, state: PreviousGrid | None):
+    def score(self, x: torch.Tensor, state: PreviousGrid | None):
         xn, prev, state = normalise_chunk(x, state)
-        # The first grid of a stream scores -inf: always kept.
-        return self._keep(temporal_similarity(xn, prev, self._work(x))), state
+        # The first grid of a stream scores NEVER_DROP: kept whole in every mode.
+        return temporal_similarity(xn, prev, self._work(x)), state
 
 
 class EVSPruner(DTDPruner):
@@ -102,7 +105,7 @@ class EVSPruner(DTDPruner):
     """
 
     name = "evs"
+    param_names = ("keep_ratio",)
 
     def __init__(self, *, keep_ratio: float = DEFAULT_EVS_KEEP_RATIO) -> None:
         super().__init__(keep_ratio=keep_ratio)
-        self._params = {"keep_ratio": self.keep_ratio}

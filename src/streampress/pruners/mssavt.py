@@ -13,6 +13,9 @@ MSSAVT alone drops at most half a grid.
 ``keep_ratio`` mode drops the eligible tokens with the highest R, down to the budget or
 until no eligible token is left (then it keeps more than the budget).
 
+As a ``ScorePruner``: the score is R on the checkerboard and ``NEVER_DROP`` off it, so the
+eligibility rule holds in both modes without any code of its own.
+
 The computation is one vectorised pass: unit-normalise once, dot products with the right
 and the lower neighbour (the left/upper ones are the same numbers shifted), pad with -inf
 where a neighbour does not exist, and take the maximum.
@@ -23,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import ThresholdPruner, rowdot, unit_tokens
+from .base import NEVER_DROP, ThresholdPruner, rowdot, unit_tokens
 
 #: StreamingAssistant's spatial operating point (tau_s = 0.2, with tau_t = 0.2).
 DEFAULT_TAU = 0.2
@@ -66,9 +69,9 @@ class MSSAVTPruner(ThresholdPruner):
     name = "mssavt"
     default_tau = DEFAULT_TAU
 
-    def _prune(self, x: torch.Tensor, state: None):
+    def score(self, x: torch.Tensor, state: None):
         _, H, W, _ = x.shape
         xn = unit_tokens(x, out=self._work(x, slot=1)[: x.numel()].view(x.shape))
         r = neighbour_similarity(xn, self._work(x))
         board = self._cached(("checkerboard", H, W, x.device), lambda: checkerboard(H, W, x.device))
-        return self._keep(r.masked_fill(~board, _NEG_INF)), None  # off the board: never dropped
+        return r.masked_fill(~board, NEVER_DROP), None  # off the board: never dropped

@@ -6,13 +6,17 @@ calls differently therefore gives the same masks, two pruners with the same seed
 the same masks, and a ``reset()`` replays the same draws. The generator runs on the CPU,
 so the masks do not depend on the device either. (Module named ``random_pruner`` so as not
 to shadow the standard library's ``random``.)
+
+As a ``ScorePruner``: the score of a token is its rank in the grid's random permutation,
+so the ``k`` kept are the permutation's first ``k``. The loop is over grids (one seed
+each), never over tokens.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .base import Pruner, check_int, check_keep_ratio, grid_peak, ratio_budget, require_finite
+from .base import ScorePruner, check_int, grid_peak, require_finite
 
 DEFAULT_KEEP_RATIO = 0.25
 _MASK64 = (1 << 64) - 1
@@ -30,7 +34,7 @@ def grid_seed(seed: int, index: int) -> int:
     return _splitmix64(_splitmix64(seed & _MASK64) ^ index) >> 1  # 63 bits for manual_seed
 
 
-class RandomPruner(Pruner):
+class RandomPruner(ScorePruner):
     """Keep a uniformly random subset of every grid (no content used).
 
     Args:
@@ -39,20 +43,20 @@ class RandomPruner(Pruner):
     """
 
     name = "random"
+    param_names = ("keep_ratio", "seed")
 
     def __init__(self, *, keep_ratio: float = DEFAULT_KEEP_RATIO, seed: int = 0) -> None:
-        self.keep_ratio = check_keep_ratio(keep_ratio)
         self.seed = check_int(seed, "seed")
-        super().__init__(keep_ratio=self.keep_ratio, seed=self.seed)
+        super().__init__(keep_ratio=keep_ratio)
 
-    def _prune(self, x: torch.Tensor, state: None):
+    def score(self, x: torch.Tensor, state: None):
         T, H, W, _ = x.shape
         require_finite(grid_peak(x), x)  # no sum: huge finite values are fine
         N = H * W
-        k = ratio_budget(self.keep_ratio, N)
-        keep = torch.zeros((T, N), dtype=torch.bool)
+        ranks = torch.empty((T, N))
+        order = torch.arange(N, dtype=torch.float32)
         generator = torch.Generator()
         for t in range(T):  # one draw per grid (not per token): each grid has its own seed
             generator.manual_seed(grid_seed(self.seed, self.grids_seen + t))
-            keep[t, torch.randperm(N, generator=generator)[:k]] = True
-        return keep.view(T, H, W).to(x.device), None
+            ranks[t, torch.randperm(N, generator=generator)] = order
+        return ranks.view(T, H, W).to(x.device), None

@@ -13,7 +13,8 @@ Per grid with tokens ``Z [N, D]``:
 3. ``x`` = L2-normalised selected-channel tokens; frame anchor ``a`` = mean of ``x``
    (not re-normalised).
 4. Kernel ``K(u, v) = sum over alpha in {1/8, 1/4, 1/2, 1, 2} of exp(-||u - v||^2 / (2 alpha))``.
-5. Score ``s = K(x, a) + K(x, m)`` (high = redundant); keep the ``k`` lowest scores.
+5. Score ``s = K(x, a) + K(x, m)`` (high = redundant); keep the ``k`` lowest scores
+   (``ScorePruner``'s ``tokens_per_grid`` or ``keep_ratio`` budget, ties in raster order).
 
 VidCom2 (``vidcom2.py``) is the same score without the memory term.
 
@@ -41,15 +42,12 @@ import torch
 from .base import (
     NORM_EPS,
     TINY,
-    Pruner,
+    ScorePruner,
     check_count,
     check_exclusive,
-    check_keep_ratio,
     grid_scale,
     in_safe_range,
-    keep_lowest,
     require_finite,
-    token_budget,
 )
 
 KERNEL_ALPHAS = (1 / 8, 1 / 4, 1 / 2, 1.0, 2.0)
@@ -135,7 +133,7 @@ def _stream_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
 
 
-class STCPruner(Pruner):
+class STCPruner(ScorePruner):
     """Keep the tokens least similar to their frame and to the stream's memory.
 
     Args:
@@ -147,6 +145,7 @@ class STCPruner(Pruner):
 
     name = "stc"
     uses_memory = True
+    param_names = ("tokens_per_grid", "keep_ratio", "window")
 
     def __init__(
         self,
@@ -156,23 +155,12 @@ class STCPruner(Pruner):
         window: int | None = None,
     ) -> None:
         check_exclusive(keep_ratio, tokens_per_grid=tokens_per_grid)
-        if keep_ratio is None:
-            tokens_per_grid = check_count(
-                DEFAULT_TOKENS_PER_GRID if tokens_per_grid is None else tokens_per_grid, "tokens_per_grid"
-            )
-        else:
-            keep_ratio = check_keep_ratio(keep_ratio)
-        if window is not None:
-            window = check_count(window, "window")
-        self.tokens_per_grid = tokens_per_grid
-        self.keep_ratio = keep_ratio
-        self.window = window
-        params = {"tokens_per_grid": tokens_per_grid, "keep_ratio": keep_ratio}
-        if self.uses_memory:
-            params["window"] = window
-        super().__init__(**params)
+        if keep_ratio is None and tokens_per_grid is None:
+            tokens_per_grid = DEFAULT_TOKENS_PER_GRID
+        self.window = None if window is None else check_count(window, "window")
+        super().__init__(tokens_per_grid=tokens_per_grid, keep_ratio=keep_ratio)
 
-    def _prune(self, x: torch.Tensor, state):
+    def score(self, x: torch.Tensor, state):
         T, H, W, D = x.shape
         z = x.reshape(T, H * W, D)
         work = self._work(x)
@@ -187,9 +175,7 @@ class STCPruner(Pruner):
             raw_mean = mean.to(_stream_dtype(x.device)) / scale.to(_stream_dtype(x.device)).unsqueeze(1)
         memory, state = self._memory(raw_mean, state) if self.uses_memory else (None, None)
         factors = self._cached(("kernel", x.device), lambda: kernel_factors(x.device))
-        k = token_budget(H * W, self.keep_ratio, self.tokens_per_grid)
-        keep = keep_lowest(redundancy_scores(z, var, memory, work, factors), k)
-        return keep.view(T, H, W), state
+        return redundancy_scores(z, var, memory, work, factors).view(T, H, W), state
 
     def _memory(self, mean: torch.Tensor, state):
         """Memory mean seen by each grid of the chunk ``[T, D]``, and the new stream state.

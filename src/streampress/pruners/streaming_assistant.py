@@ -5,10 +5,20 @@ grid of the stream) and ``drop_s = (R > tau_s) & checkerboard`` (MSSAVT). Both a
 on the full grid: MSSAVT also sees the tokens DTD drops, following the paper's union
 formula. The first grid of a stream gets the spatial step only.
 
-``keep_ratio`` mode: the redundancy ``r = max(sim_t, R masked to the checkerboard)``
-(-inf where neither applies, i.e. off-checkerboard tokens of a stream's first grid); the
-highest ``r`` are dropped down to ``ceil(keep_ratio * H * W)`` per grid, or until nothing
-droppable is left. With ``tau_t == tau_s`` this is the top-k form of the threshold rule.
+As a ``ScorePruner``, one score serves both modes: the redundancy *margin*
+
+    r = max(sim_t - tau_t, R_board - tau_s)         (R_board = R on the checkerboard, else -inf)
+
+dropped when ``r > 0`` (the base's threshold 0): the union of the two threshold rules.
+``keep_ratio`` mode takes tau_t = tau_s = 0, i.e. ``r = max(sim_t, R_board)`` (-inf where
+neither applies, i.e. off-checkerboard tokens of a stream's first grid), and drops the
+highest ``r`` down to ``ceil(keep_ratio * H * W)`` per grid, or until nothing droppable is
+left. With ``tau_t == tau_s`` this is the top-k form of the threshold rule.
+
+``sim - tau > 0`` is exactly ``sim > tau`` in float32 (the difference of two floats is
+never rounded to 0, and tau is rounded to float32 in both): the masks are those of the
+union formula. A tau beyond float32's range is clamped to it first, so that ``-inf - tau``
+cannot become NaN (cosines and -inf compare with +-3.4e38 as with +-inf).
 
 Everything is computed from one unit-normalised copy of the chunk, in one vectorised pass.
 """
@@ -17,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Pruner, check_exclusive, check_keep_ratio, check_threshold, keep_lowest_per_grid
+from .base import NEVER_DROP, ScorePruner, check_exclusive, check_threshold
 from .dtd import PreviousGrid, normalise_chunk, temporal_similarity
 from .mssavt import checkerboard, neighbour_similarity
 
@@ -26,10 +36,16 @@ from .mssavt import checkerboard, neighbour_similarity
 DEFAULT_TAU_T = 0.2
 DEFAULT_TAU_S = 0.2
 
-_NEG_INF = float("-inf")
+_F32_MAX = torch.finfo(torch.float32).max
 
 
-class StreamingAssistantPruner(Pruner):
+def _offset(tau: float | None) -> float:
+    """What a threshold subtracts from its score: 0 in keep_ratio mode, else ``tau`` clamped to
+    float32's finite range (see the module docstring)."""
+    return 0.0 if tau is None else min(max(tau, -_F32_MAX), _F32_MAX)
+
+
+class StreamingAssistantPruner(ScorePruner):
     """Temporal (DTD) plus masked spatial (MSSAVT) redundancy pruning.
 
     Args:
@@ -43,6 +59,7 @@ class StreamingAssistantPruner(Pruner):
 
     name = "streaming_assistant"
     fixed_grid_size = True
+    param_names = ("tau_t", "tau_s", "keep_ratio")
 
     def __init__(
         self,
@@ -55,22 +72,16 @@ class StreamingAssistantPruner(Pruner):
         if keep_ratio is None:
             tau_t = check_threshold(DEFAULT_TAU_T if tau_t is None else tau_t, "tau_t")
             tau_s = check_threshold(DEFAULT_TAU_S if tau_s is None else tau_s, "tau_s")
-        else:
-            keep_ratio = check_keep_ratio(keep_ratio)
         self.tau_t = tau_t
         self.tau_s = tau_s
-        self.keep_ratio = keep_ratio
-        super().__init__(tau_t=tau_t, tau_s=tau_s, keep_ratio=keep_ratio)
+        # Thresholds: drop when the margin is > 0.
+        super().__init__(threshold=None if keep_ratio is not None else 0.0, keep_ratio=keep_ratio)
 
-    def _prune(self, x: torch.Tensor, state: PreviousGrid | None):
+    def score(self, x: torch.Tensor, state: PreviousGrid | None):
         _, H, W, _ = x.shape
         xn, prev, state = normalise_chunk(x, state)
         work = self._work(x)
-        sim = temporal_similarity(xn, prev, work)
-        r = neighbour_similarity(xn, work)
+        sim = temporal_similarity(xn, prev, work).sub_(_offset(self.tau_t))
+        r = neighbour_similarity(xn, work).sub_(_offset(self.tau_s))
         board = self._cached(("checkerboard", H, W, x.device), lambda: checkerboard(H, W, x.device))
-        if self.keep_ratio is None:
-            keep = ~((sim > self.tau_t) | ((r > self.tau_s) & board))
-        else:
-            keep = keep_lowest_per_grid(torch.maximum(sim, r.masked_fill(~board, _NEG_INF)), self.keep_ratio)
-        return keep, state
+        return torch.maximum(sim, r.masked_fill_(~board, NEVER_DROP)), state

@@ -5,14 +5,17 @@ Positions are ranked by an ordered-dither (Bayer) matrix cropped to ``H x W`` an
 hierarchy of lattices: ``keep_ratio = 1/4`` keeps every second row and every second column
 (the stride-2 lattice), ``1/2`` a checkerboard, ``1/16`` the stride-4 lattice, and any other
 ratio the next coarser lattice plus an evenly spread part of the next finer one, so the
-count is always exact. The mask depends only on ``(H, W, k)`` and is built once per shape.
+count is always exact.
+
+As a ``ScorePruner``: the score of a position is its Bayer rank (built once per shape),
+the same for every grid, so the base's ``keep_ratio`` budget keeps the ``k`` lowest ranks.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .base import Pruner, check_keep_ratio, grid_peak, ratio_budget, require_finite
+from .base import ScorePruner, grid_peak, keep_lowest, require_finite
 
 DEFAULT_KEEP_RATIO = 0.25
 
@@ -25,18 +28,21 @@ def bayer_matrix(n: int) -> torch.Tensor:
     return m
 
 
-def lattice_mask(H: int, W: int, k: int) -> torch.Tensor:
-    """Bool ``[H, W]`` with exactly ``k`` True: the ``k`` lowest Bayer ranks of the grid."""
+def bayer_ranks(H: int, W: int) -> torch.Tensor:
+    """Float ``[H, W]``: the Bayer rank of every position (the Bayer matrix of the next power
+    of two at least ``max(H, W)``, cropped), all distinct."""
     n = 1
     while n < max(H, W):
         n *= 2
-    ranks = bayer_matrix(n)[:H, :W].reshape(-1)
-    keep = torch.zeros(H * W, dtype=torch.bool)
-    keep[torch.sort(ranks, stable=True).indices[:k]] = True
-    return keep.view(H, W)
+    return bayer_matrix(n)[:H, :W].float()
 
 
-class UniformPruner(Pruner):
+def lattice_mask(H: int, W: int, k: int) -> torch.Tensor:
+    """Bool ``[H, W]`` with exactly ``k`` True: the ``k`` lowest Bayer ranks of the grid."""
+    return keep_lowest(bayer_ranks(H, W).view(1, H * W), k).view(H, W)
+
+
+class UniformPruner(ScorePruner):
     """Keep an evenly spread, content-independent sub-lattice of every grid.
 
     Args:
@@ -46,12 +52,10 @@ class UniformPruner(Pruner):
     name = "uniform"
 
     def __init__(self, *, keep_ratio: float = DEFAULT_KEEP_RATIO) -> None:
-        self.keep_ratio = check_keep_ratio(keep_ratio)
-        super().__init__(keep_ratio=self.keep_ratio)
+        super().__init__(keep_ratio=keep_ratio)
 
-    def _prune(self, x: torch.Tensor, state: None):
+    def score(self, x: torch.Tensor, state: None):
         T, H, W, _ = x.shape
         require_finite(grid_peak(x), x)  # no sum: huge finite values are fine
-        k = ratio_budget(self.keep_ratio, H * W)
-        mask = self._cached(("lattice", H, W, k, x.device), lambda: lattice_mask(H, W, k).to(x.device))
-        return mask.expand(T, H, W).clone(), None
+        ranks = self._cached(("bayer", H, W, x.device), lambda: bayer_ranks(H, W).to(x.device))
+        return ranks.expand(T, H, W), None

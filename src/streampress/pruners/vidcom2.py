@@ -22,6 +22,7 @@ class VidCom2Pruner(STCPruner):
 
     name = "vidcom2"
     uses_memory = False
+    param_names = ("tokens_per_grid", "keep_ratio")
 
     def __init__(self, *, tokens_per_grid: int | None = None, keep_ratio: float | None = None) -> None:
         super().__init__(tokens_per_grid=tokens_per_grid, keep_ratio=keep_ratio)

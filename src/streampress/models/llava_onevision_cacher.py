@@ -1,5 +1,10 @@
 """Glue between STC-Cacher and the SigLIP vision tower (LLaVA-OneVision; transformers 5.x).
 
+It lives with the LLaVA-OneVision family, whose encoder SigLIP is; the cacher finds it
+through the family registry (``register_family(..., vision_glue=...)`` in
+:mod:`streampress.models`), keyed by the tower's class, and drives it through the
+:class:`~streampress.cacher.core.EncoderGlue` protocol.
+
 ``SiglipVisionModel`` runs ``layer(hidden_states [B, S, D], attention_mask=None)`` for every
 encoder layer, and each of the B frames attends only to itself, so an *item* is one frame
 (``x = hidden_states``, full attention, no rotary embedding). Patch and position
@@ -7,7 +12,7 @@ embeddings, the final layer norm and the optional pooling head are the model's o
 LLaVA-OneVision reads ``hidden_states[config.vision_feature_layer]`` of this tower
 (``-1`` in its configs, i.e. the last layer's output before ``post_layernorm``); pass
 ``output_hidden_states=True`` through the cacher to get them, exactly as the model does, or
-capture only that layer's output (``streampress.models.llava_onevision.feature_capture``,
+capture only that layer's output (:func:`streampress.models.llava_onevision.feature_capture`,
 what the LLaVA-OneVision adapter does) instead of holding every layer's until the end.
 """
 
@@ -15,18 +20,9 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .core import AttentionPattern
+from ..cacher.core import AttentionPattern
 
 _FULL = AttentionPattern("full")
-
-
-def is_siglip_vision(module: nn.Module) -> bool:
-    """A SigLIP-style vision tower: ``embeddings`` + ``encoder.layers`` of q/k/v/out projections."""
-    layers = getattr(getattr(module, "encoder", None), "layers", None)
-    if not isinstance(layers, nn.ModuleList) or len(layers) == 0 or not hasattr(module, "embeddings"):
-        return False
-    attn = getattr(layers[0], "self_attn", None)
-    return all(isinstance(getattr(attn, n, None), nn.Linear) for n in ("q_proj", "k_proj", "v_proj", "out_proj"))
 
 
 class SiglipBlockParts:
@@ -61,6 +57,13 @@ class SiglipGlue:
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
+
+    @staticmethod
+    def call_kwargs(grid_thw: Tensor | None, kwargs: dict) -> dict:
+        """The tower's keywords for ``cacher.encode(tower, pixel_values, None, ...)``."""
+        if grid_thw is not None:
+            raise ValueError("grid_thw must be None for a SigLIP tower (one item per frame)")
+        return kwargs
 
     def blocks(self) -> list[nn.Module]:
         return list(self.module.encoder.layers)

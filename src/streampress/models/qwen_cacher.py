@@ -1,9 +1,14 @@
-"""Glue between STC-Cacher and the Qwen2.5-VL / Qwen3-VL vision towers (transformers 5.x).
+"""Glue between STC-Cacher and the Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision towers (transformers 5.x).
 
-Both towers run ``blk(hidden_states [L, D], cu_seqlens=..., position_embeddings=(cos, sin))``
+It lives with the Qwen family because it is knowledge of Qwen's encoder; the cacher
+finds it through the family registry (``register_family(..., vision_glue=...)`` in
+:mod:`streampress.models`), keyed by the tower's class, and drives it through the
+:class:`~streampress.cacher.core.EncoderGlue` protocol.
+
+The towers run ``blk(hidden_states [L, D], cu_seqlens=..., position_embeddings=(cos, sin))``
 for every block on the packed tokens of all temporal patches. An *item* is one temporal
 patch (``h * w`` patch tokens): Qwen2.5-VL's window attention and full attention, and
-Qwen3-VL's full attention, never cross a temporal patch (``cu_seqlens`` has a boundary at
+Qwen2-VL's and Qwen3-VL's full attention, never cross a temporal patch (``cu_seqlens`` has a boundary at
 every item), and after Qwen2.5-VL's window reordering each item's tokens stay contiguous,
 in the same order for every item of the same grid. So a block sees ``x.view(I, T, D)``,
 the RoPE tables of one item (``cos[:T]``) and the item's window lengths from
@@ -18,15 +23,7 @@ import itertools
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .core import AttentionPattern
-
-
-def is_qwen_vision(module: nn.Module) -> bool:
-    """A Qwen2.5-VL / Qwen3-VL style vision tower (blocks with a fused ``attn.qkv``)."""
-    blocks = getattr(module, "blocks", None)
-    return (isinstance(blocks, nn.ModuleList) and len(blocks) > 0 and hasattr(module, "merger")
-            and hasattr(module, "patch_embed") and hasattr(blocks[0], "attn")
-            and isinstance(getattr(blocks[0].attn, "qkv", None), nn.Linear))
+from ..cacher.core import AttentionPattern
 
 
 class QwenBlockParts:
@@ -63,10 +60,19 @@ class QwenBlockParts:
 
 
 class QwenGlue:
-    """Adapts a Qwen2.5-VL / Qwen3-VL vision tower to the cacher."""
+    """Adapts a Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision tower to the cacher (one item = one
+    temporal patch)."""
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
+
+    @staticmethod
+    def call_kwargs(grid_thw: Tensor | None, kwargs: dict) -> dict:
+        """The tower's keywords for ``cacher.encode(tower, pixel_values, grid_thw, ...)``."""
+        if grid_thw is None:
+            raise ValueError("grid_thw is required for a Qwen vision tower")
+        kwargs["grid_thw"] = grid_thw
+        return kwargs
 
     def blocks(self) -> list[nn.Module]:
         return list(self.module.blocks)

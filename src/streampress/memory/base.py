@@ -1,13 +1,18 @@
-"""KV memory policies of a streaming session: what stays in the cache as a stream grows.
+"""The base of every memory policy: cache surgery, item blocks, the store that keeps everything.
 
-A *policy* (:class:`FullMemory`, :class:`SlidingWindow`, ``RetrievalMemory``) is a small
+Why a separate module: :mod:`.window` and :mod:`.retrieval` build on these pieces, and
+the session needs only them (``Block``, ``QuestionInput``, ``resolve_memory``), so the
+policies import this module and never each other.
+
+A *policy* (:class:`FullMemory`, ``SlidingWindow``, ``RetrievalMemory``) is a small
 configuration object the user passes as ``StreamingSession(..., memory=...)``. The
 session calls ``policy.open(adapter)`` once per stream (and again on ``reset()``) to get a
 :class:`MemoryStore`: the per-stream object that owns the KV cache and a table of
 :class:`Block` s (one block per item: its cache span and its times). Policies hold no
 stream state, so one policy object can configure any number of sessions.
 
-The session talks to the store only through these calls:
+The session talks to the store only through these calls (the ``StreamMemory`` protocol
+of :mod:`streampress.protocols`):
 
 - ``store.cache`` / ``store.length()``: the cache the next forward appends to;
 - ``store.truncate(length)``: undo a failed forward (cache back to ``length`` tokens);
@@ -20,10 +25,10 @@ The session talks to the store only through these calls:
   on; when the block exits the question and answer are gone again;
 - ``store.stats()``: counters for ``session.stats()``.
 
-Extension point: a retrieval policy (``streampress.memory_retrieval.RetrievalMemory``)
-subclasses :class:`MemoryStore` to move old blocks off the device in ``after_add`` and to
-assemble [recent window + retrieved blocks] in ``answering`` (which receives the
-question's embeddings and positions). ``RetrievalMemory`` is importable from here.
+Extension point: the retrieval policy (:mod:`.retrieval`) subclasses :class:`MemoryStore`
+to move old blocks off the device in ``after_add`` and to assemble [recent window +
+retrieved blocks] in ``answering`` (which receives the question's embeddings and
+positions).
 
 Positions are baked into cached keys (RoPE), so removing any block leaves the positions
 of every other token unchanged: eviction never moves the rest of the stream.
@@ -31,14 +36,15 @@ of every other token unchanged: eviction never moves the rest of the stream.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 
-__all__ = ["Block", "MemoryStore", "FullMemory", "SlidingWindow", "RetrievalMemory", "resolve_memory",
-           "cache_length", "cache_truncate", "cache_select", "cache_nbytes"]
+__all__ = ["Block", "QuestionInput", "MemoryStore", "FullMemory", "resolve_memory", "cache_length",
+           "cache_truncate", "cache_select", "cache_nbytes"]
 
 
 # ---- cache surgery (works for transformers 4.57 and 5.x DynamicCache) ----------------------
@@ -181,33 +187,6 @@ class FullMemory:
         return MemoryStore(adapter)
 
 
-class _WindowStore(MemoryStore):
-    def __init__(self, adapter, seconds: float):
-        super().__init__(adapter)
-        self.seconds = seconds
-
-    def after_add(self, now: float) -> None:
-        self.evict([b for b in self.blocks if now - b.start_time > self.seconds])
-
-
-@dataclass(frozen=True)
-class SlidingWindow:
-    """Keep the last ``seconds`` of video: after each chunk, every item whose first frame is
-    more than ``seconds`` older than the newest frame leaves the cache (whole items; the
-    prompt prefix always stays). Positions of the remaining tokens do not move."""
-
-    seconds: float
-    name: str = field(default="window", init=False)
-
-    def __post_init__(self):
-        if isinstance(self.seconds, bool) or not isinstance(self.seconds, (int, float)) or not (
-                self.seconds > 0 and self.seconds != float("inf")):
-            raise ValueError(f"SlidingWindow seconds must be a positive finite number, got {self.seconds!r}")
-
-    def open(self, adapter) -> MemoryStore:
-        return _WindowStore(adapter, float(self.seconds))
-
-
 def resolve_memory(memory) -> Any:
     """``"full"`` / None -> :class:`FullMemory`; any object with ``open(adapter)`` is a policy."""
     if memory is None or memory == "full":
@@ -218,11 +197,3 @@ def resolve_memory(memory) -> Any:
     if not callable(getattr(memory, "open", None)):
         raise TypeError(f"memory must be 'full' or a memory policy with open(adapter), got {type(memory).__name__}")
     return memory
-
-
-def __getattr__(name: str):
-    if name == "RetrievalMemory":
-        from .memory_retrieval import RetrievalMemory
-
-        return RetrievalMemory
-    raise AttributeError(f"module 'streampress.memory' has no attribute {name!r}")

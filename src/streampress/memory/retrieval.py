@@ -11,10 +11,11 @@ positions they were rotated with, using the model's own rotary module).
 When a question arrives, every decoder layer chooses its own top-k blocks: a forward
 pre-hook on the layer's self-attention (installed only while answering, always removed)
 computes the question's query states from the hidden states the layer receives (the
-layer's own ``q_proj`` and ``q_norm`` where the model has one (Qwen3), before RoPE),
-scores each block by the mean over question tokens and query heads of ``q . summary`` of
-the matching KV head, and writes that layer's cache as [prefix + chosen blocks in stream
-order + window] before the attention appends the question's keys. As in ReKV, queries and
+model adapter's ``query_states``: the layer's own query projection, and per-head norm
+where the family has one (Qwen3), before RoPE), scores each block by the mean over
+question tokens and query heads of ``q . summary`` of the matching KV head, and writes
+that layer's cache as [prefix + chosen blocks in stream order + window] before the
+attention appends the question's keys. As in ReKV, queries and
 summaries are compared without rotary embeddings, so a block's score does not depend on
 how long ago it was seen (two identical inputs at different times score equally). The
 hook recognises the session's own forward by the identity of the cache object it is
@@ -28,60 +29,32 @@ re-rotated, so with k large enough to fetch every block the question sees exactl
 full cache.
 
 Everything belongs to the per-stream :class:`RetrievalStore`; the policy object holds only
-configuration.
+configuration. What the store needs from the model comes from the model adapter
+(``attention_modules()``, ``query_states(attn, hidden)``, ``rotary(positions)``): the
+knowledge of each family's attention lives in :mod:`streampress.models`, this module
+never looks inside a Hugging Face model.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
-from .memory import Block, MemoryStore, QuestionInput, cache_nbytes
+from .base import Block, MemoryStore, QuestionInput, cache_nbytes
 
-__all__ = ["RetrievalMemory", "RetrievalStore", "OffloadedBlock", "block_scores", "project_heads",
-           "unrotate", "attention_modules"]
-
-
-# ---- model plumbing ------------------------------------------------------------------------
-def attention_modules(hf_model) -> list:
-    """The self-attention modules of the language model's decoder layers, in layer order.
-
-    Each must expose ``q_proj``, ``k_proj``, ``head_dim`` and ``layer_idx`` (Qwen2 / Qwen2.5-VL /
-    Qwen3-VL text attention, as used by Qwen-VL and LLaVA-OneVision)."""
-    inner = getattr(hf_model, "model", hf_model)
-    lm = getattr(inner, "language_model", None)
-    layers = getattr(lm, "layers", None) if lm is not None else getattr(inner, "layers", None)
-    if layers is None:
-        raise TypeError(f"RetrievalMemory needs a model whose language model has decoder layers "
-                        f"(model.language_model.layers), got {type(hf_model).__name__}")
-    mods = [getattr(layer, "self_attn", None) for layer in layers]
-    for m in mods:
-        if m is None or not all(hasattr(m, a) for a in ("q_proj", "k_proj", "head_dim", "layer_idx")):
-            raise TypeError("RetrievalMemory needs decoder layers whose self_attn has q_proj, k_proj, head_dim "
-                            f"and layer_idx (Qwen2/2.5/3-VL, LLaVA-OneVision); got {type(m).__name__}")
-    return mods
+__all__ = ["RetrievalMemory", "RetrievalStore", "OffloadedBlock", "block_scores", "unrotate"]
 
 
+# ---- math ------------------------------------------------------------------------------------
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
-
-
-def project_heads(attn, hidden: torch.Tensor, kind: str = "q") -> torch.Tensor:
-    """Query (``kind="q"``) or key (``"k"``) states ``[B, heads, L, head_dim]`` of ``hidden``
-    ``[B, L, D]`` as the attention computes them before RoPE: projection, then per-head
-    RMSNorm where the model has it (Qwen3 ``q_norm`` / ``k_norm``)."""
-    proj, norm = (attn.q_proj, getattr(attn, "q_norm", None)) if kind == "q" else (attn.k_proj,
-                                                                                   getattr(attn, "k_norm", None))
-    b, n, _ = hidden.shape
-    x = proj(hidden).view(b, n, -1, attn.head_dim)
-    if norm is not None:
-        x = norm(x)
-    return x.transpose(1, 2)
 
 
 def unrotate(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -203,7 +176,7 @@ class RetrievalMemory:
         if self.pin_memory is not None and not isinstance(self.pin_memory, bool):
             raise TypeError(f"RetrievalMemory pin_memory must be None or a bool, got {self.pin_memory!r}")
 
-    def open(self, adapter) -> "RetrievalStore":
+    def open(self, adapter) -> RetrievalStore:
         return RetrievalStore(adapter, self)
 
 
@@ -211,7 +184,10 @@ class RetrievalStore(MemoryStore):
     """Per-stream retrieval memory: the live cache, the offloaded blocks and their summaries."""
 
     def __init__(self, adapter, policy: RetrievalMemory):
-        self.attention = attention_modules(adapter.hf_model)  # validates the model first
+        if not callable(getattr(adapter, "attention_modules", None)):
+            raise TypeError("RetrievalMemory needs a model adapter whose language model has decoder layers "
+                            f"(ModelAdapter.attention_modules()), got {type(adapter).__name__}")
+        self.attention = adapter.attention_modules()  # validates the model first
         super().__init__(adapter)
         self.policy = policy
         self.pinned = policy.pin_memory if policy.pin_memory is not None else adapter.device.type == "cuda"
@@ -331,16 +307,15 @@ class RetrievalStore(MemoryStore):
         prefix = self.length() - sum(b.length for b in self.blocks)
         chosen: dict[int, list[int]] = {}
 
-        def hook(module, args, kwargs):
+        def hook(idx, module, args, kwargs):
             # Only this stream's forward (sessions may share the model): it carries our
             # cache, under whatever keyword the transformers version uses.
             if not any(v is self.cache for v in (*args, *kwargs.values())):
                 return None
-            idx = module.layer_idx
             layer = self.cache.layers[idx]
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             if idx not in chosen:  # the question's forward: retrieve once, keep for the answer
-                queries = project_heads(module, hidden, "q")
+                queries = self.adapter.query_states(module, hidden)
                 chosen[idx] = self.choose(idx, queries)
                 keys, values = saved[idx]
                 fetched = torch.cat([self.offloaded[i].data[idx].to(keys.device, non_blocking=self.pinned)
@@ -354,8 +329,8 @@ class RetrievalStore(MemoryStore):
 
         handles = []
         try:
-            for module in self.attention:
-                handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+            for idx, module in enumerate(self.attention):  # layer i's attention runs on cache layer i
+                handles.append(module.register_forward_pre_hook(functools.partial(hook, idx), with_kwargs=True))
             yield self.cache
         finally:
             for h in handles:

@@ -1,4 +1,4 @@
-"""Built-in random-weight Qwen architectures (``random:<arch>`` in :func:`load_model`).
+"""Random-weight Qwen2-VL / Qwen2.5-VL / Qwen3-VL architectures (see :mod:`streampress.models.random`).
 
 Tiny ones (hidden 64, 2 layers, vision depth 2) are for tests and demos; ``qwen2.5-vl-7b``
 and ``qwen2.5-vl-3b`` carry the real layer shapes of the released checkpoints (for speed
@@ -6,18 +6,19 @@ benchmarks) and can be cut to fewer LLM layers (``num_layers``) and vision block
 (``vision_depth``). When a cut removes every full-attention vision block, the last kept
 block becomes full-attention, so the encoder keeps both attention kinds.
 
-Special-token ids of every random architecture lie in the built-in byte-level
-tokenizer's range (see :mod:`streampress.models.tokenizer`), below ``vocab_size``.
+Weights are drawn uniformly with the standard deviation ``initializer_range`` (half the
+cost of a normal draw); norm scales are 1, biases 0.
 """
 
 from __future__ import annotations
 
-import time
-
 import torch
 
-from .base import positive_int
-from .tokenizer import ByteTokenizer
+from ..base import positive_int
+from ..tokenizer import ByteTokenizer
+from . import build_random_model
+
+__all__ = ["ARCHS", "tokenizer", "build_config", "build_model"]
 
 _TINY_VOCAB = 512
 
@@ -69,6 +70,11 @@ _ARCHS = {
 ARCHS = tuple(_ARCHS)
 
 
+def tokenizer() -> ByteTokenizer:
+    """The byte-level tokenizer of every random Qwen architecture (Qwen's special tokens)."""
+    return ByteTokenizer()
+
+
 # model_type -> (config class, model class) in transformers.
 _CLASSES = {"qwen2_5_vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration"),
             "qwen2_vl": ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration"),
@@ -76,6 +82,7 @@ _CLASSES = {"qwen2_5_vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGenerati
 
 
 def _transformers_class(model_type: str, which: int):
+    """The transformers class (0: config, 1: model) of ``model_type``."""
     import transformers
 
     return getattr(transformers, _CLASSES[model_type][which])
@@ -128,43 +135,17 @@ def build_config(arch: str, num_layers: int | None = None, vision_depth: int | N
     return config
 
 
-@torch.no_grad()
-def build_random_model(config, dtype: torch.dtype, device: torch.device, seed: int = 0):
-    """Instantiate ``config`` with random weights, fast.
-
-    The module tree is built directly on ``device`` and in ``dtype`` (as ``from_pretrained`` does: rotary
-    frequency buffers stay float32) with transformers' initialisation switched off, so
-    memory is only allocated; then every parameter is filled in place on ``device``:
-    weights uniform with the standard deviation ``initializer_range`` (half the cost of a
-    normal draw), norm scales 1, biases 0.
-    """
-    from transformers.initialization import no_init_weights
-
-    cls = _transformers_class(config.model_type, 1)
-    t0 = time.perf_counter()
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with no_init_weights(), torch.device(device):
-            model = cls(config)
-    finally:
-        torch.set_default_dtype(previous)
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
-    if device.type == "meta":  # shapes only (e.g. to inspect an architecture without memory)
-        model.eval()
-        model.build_seconds = time.perf_counter() - t0
-        return model
-    gen = torch.Generator(device=device).manual_seed(seed)
+def build_model(config, dtype: torch.dtype, device: torch.device | str, seed: int = 0):
+    """The ``...ForConditionalGeneration`` of ``config`` with random weights (uniform,
+    ``initializer_range`` standard deviation; norm scales 1, biases 0)."""
     bound = getattr(config.text_config, "initializer_range", 0.02) * 3.0 ** 0.5
-    for name, param in model.named_parameters():
-        lname = name.lower()
+
+    def init_parameter(name: str, param: torch.nn.Parameter, gen: torch.Generator) -> None:
         if name.endswith(".bias"):
             param.zero_()
-        elif "norm" in lname or lname.endswith("ln_q.weight") or param.ndim == 1:
+        elif param.ndim == 1:  # LayerNorm / RMSNorm scales
             param.fill_(1.0)
         else:
             param.uniform_(-bound, bound, generator=gen)
-    model.eval()
-    model.build_seconds = time.perf_counter() - t0
-    return model
+
+    return build_random_model(_transformers_class(config.model_type, 1), config, dtype, device, seed, init_parameter)
