@@ -47,9 +47,10 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-import streampress
-from streampress.models.qwen_preprocess import QwenVisionParams, normalize
-from streampress.models.qwen_preprocess import patchify as qwen_patchify
+# The streampress imports must follow the sys.path insert above (the script runs from a checkout).
+import streampress  # noqa: E402
+from streampress.models.qwen_preprocess import QwenVisionParams, normalize  # noqa: E402
+from streampress.models.qwen_preprocess import patchify as qwen_patchify  # noqa: E402
 
 VIDEOS = ROOT.parent / "shared" / "data" / "videos"
 PARAMS = QwenVisionParams.defaults("qwen2_5_vl")  # Qwen2.5-VL image processor
@@ -171,7 +172,8 @@ def run_clip(model, cacher, items, gh, gw, device, timer) -> dict:
         "items": len(items), "frames": TEMPORAL * len(items), "references": len(ref_t),
         "dense_s": sum(dense_t), "cached_s": sum(cached_t), "ratio_clip": sum(cached_t) / sum(dense_t),
         "ratio_steady": steady, "ref_over_dense": statistics.median(ref_t) / md,
-        "dep_over_dense": statistics.median(dep_t) / md if dep_t else None, "cos_mean": torch.cat(cos_all).mean().item(),
+        "dep_over_dense": statistics.median(dep_t) / md if dep_t else None,
+        "cos_mean": torch.cat(cos_all).mean().item(),
         "cos_dep_mean": torch.cat(cos_dep).mean().item() if cos_dep else None,
         "cos_min": torch.cat(cos_all).min().item(), "recompute_fraction": state.stats.recompute_fraction,
         "dense_item_s": dense_t, "cached_item_s": cached_t, "roles": roles,
@@ -238,7 +240,8 @@ def main(argv=None) -> int:
     total_c = sum(r["cached_s"] for r in results)
     lines = [
         (f"STC-Cacher, Qwen2.5-VL-7B vision encoder shapes, depth {depth} (full attention at {fullatt}), "
-        f"{args.size}x{args.size}, {args.fps:g} fps ({args.sampling} sampling), {str(dtype).replace('torch.', '')}, {dev}, "
+        f"{args.size}x{args.size}, {args.fps:g} fps ({args.sampling} sampling), "
+        f"{str(dtype).replace('torch.', '')}, {dev}, "
         f"torch {torch.__version__}; rho={args.rho}, N={args.interval}, refresh={args.refresh_threshold}; "
         f"{'process CPU time' if args.cpu_time else 'wall clock'}, one temporal patch per call."),
         "",

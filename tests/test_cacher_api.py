@@ -9,9 +9,8 @@ from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLCo
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
 
 import streampress
-from streampress.cacher import CacherState, StcCacher
-
 from _cacher_helpers import reinit
+from streampress.cacher import CacherState, StcCacher
 
 
 @pytest.mark.parametrize("kw", [{"rho": 0}, {"rho": 1.5}, {"rho": -0.2}, {"rho": "0.5"}, {"rho": True},
@@ -41,11 +40,12 @@ def test_defaults_and_params():
 
 @pytest.fixture(scope="module")
 def qwen_model():
-    text = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 1, "num_attention_heads": 4,
-                "num_key_value_heads": 2, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
-                                                        "mrope_section": [4, 2, 2]}}
-    vision = {"depth": 2, "hidden_size": 32, "num_heads": 4, "intermediate_size": 48, "patch_size": 14, "spatial_merge_size": 2,
-                  "temporal_patch_size": 2, "window_size": 56, "fullatt_block_indexes": [1], "out_hidden_size": 64}
+    text = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 1,
+            "num_attention_heads": 4, "num_key_value_heads": 2,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2]}}
+    vision = {"depth": 2, "hidden_size": 32, "num_heads": 4, "intermediate_size": 48, "patch_size": 14,
+              "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 56, "fullatt_block_indexes": [1],
+              "out_hidden_size": 64}
     cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=120, video_token_id=121,
                            vision_start_token_id=122)
     return reinit(Qwen2_5_VLModel(cfg))
@@ -105,8 +105,8 @@ def test_detach_on_error_and_explicit_detach(qwen_model):
 def test_attach_to_llava_onevision_uses_its_feature_layer():
     vision = {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 3,
                   "num_attention_heads": 4, "image_size": 28, "patch_size": 7, "vision_use_head": False}
-    text = {"model_type": "qwen2", "vocab_size": 128, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 1,
-                "num_attention_heads": 4, "num_key_value_heads": 2}
+    text = {"model_type": "qwen2", "vocab_size": 128, "hidden_size": 64, "intermediate_size": 96,
+                "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2}
     cfg = LlavaOnevisionConfig(vision_config=vision, text_config=text, vision_feature_layer=-2,
                                vision_feature_select_strategy="full", image_token_index=120, video_token_index=121)
     model = reinit(LlavaOnevisionModel(cfg))

@@ -19,13 +19,11 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTra
 
 import streampress
 import streampress.cacher.cacher as cacher_impl
-from streampress.cacher import core
-from streampress.models.qwen_cacher import QwenBlockParts
-from streampress.models.llava_onevision import (LlavaOneVisionAdapter, encode_pixels, feature_capture,
-                                                siglip_features)
-from streampress.models.base import VisualBatch
-
 from _cacher_helpers import reinit
+from streampress.cacher import core
+from streampress.models.base import VisualBatch
+from streampress.models.llava_onevision import LlavaOneVisionAdapter, encode_pixels, feature_capture, siglip_features
+from streampress.models.qwen_cacher import QwenBlockParts
 
 # ---- (a) LLaVA-OneVision: only the feature layer's hidden state is kept --------------------
 

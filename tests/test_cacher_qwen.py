@@ -25,7 +25,6 @@ from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLVisionCon
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
 
 import streampress
-
 from _cacher_helpers import literal_block, reinit
 
 PATCH_DIM = 3 * 2 * 14 * 14

@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
 import streampress
-
 from _cacher_helpers import literal_block, reinit
 
 
@@ -75,7 +74,8 @@ def _oracle(model, px, rho, interval):
             u = layer.layer_norm1(x)
             q, k, v = (p(u).view(t, at.num_heads, -1) for p in (at.q_proj, at.k_proj, at.v_proj))
             probs = (torch.einsum("qhd,khd->hqk", q, k) * at.scale).softmax(-1)
-            x, refs[b] = literal_block(x, k, v, probs, at.out_proj, lambda h, layer=layer: layer.mlp(layer.layer_norm2(h)),
+            x, refs[b] = literal_block(x, k, v, probs, at.out_proj,
+                                       lambda h, layer=layer: layer.mlp(layer.layer_norm2(h)),
                                        None if i % interval == 0 else refs[b], count)
         outs.append(x)
     return torch.stack(outs)

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from streampress.cli import main
-from streampress.eval.datasets import (load_benchmark, parse_timestamp, read_offline_mcq, resolve_videos,
-                                       summarize)
+from streampress.eval.datasets import load_benchmark, parse_timestamp, read_offline_mcq, resolve_videos, summarize
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO.parent / "shared" / "data" / "benchmarks"
@@ -61,7 +60,8 @@ def test_ovobench_records(tmp_path):
                                  "ovo-1558-p0", "ovo-1558-p1"])
     epm = by["ovo-0"]
     assert epm.video == "chunked_videos/ec4a3ba3-eb00-4aa8-9b41-36043ece98f7.mp4"
-    assert (epm.answer, epm.time, epm.category, epm.options) == ("C", 215.0, "backward", ("brown", "green", "blue", "white"))
+    assert (epm.answer, epm.time, epm.category, epm.options) == (
+        "C", 215.0, "backward", ("brown", "green", "blue", "white"))
     assert by["ovo-631"].answer == "B" and by["ovo-631"].time == 17.5 and by["ovo-631"].category == "realtime"
     assert by["ovo-1468-p1"].answer == "Yes" and by["ovo-1468-p0"].answer == "No"
     assert by["ovo-1468-p1"].time == 310 and by["ovo-1468-p1"].inputs["question"] == "What does she do?"

@@ -13,11 +13,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_eval_runner import make_video, ovo_fixture
 
 from streampress.cli import main
 from streampress.eval.runner import EvalConfig, evaluate
 from streampress.eval.store import load_predictions
+from test_eval_runner import make_video, ovo_fixture
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "random:qwen2.5-vl-tiny"
@@ -155,7 +155,8 @@ def test_streamingbench_through_the_command_line(tmp_path, capsys):
     ann = tmp_path / "sb.json"
     ann.write_text(json.dumps(entries))
     args = ["streamingbench", "--annotations", str(ann), "--videos", str(tmp_path / "sb"), "--model", MODEL,
-            "--method", "dtd", "--param", "tau=0.9", "--fps", "2", "--max-new-tokens", "2", "--out", str(tmp_path / "o")]
+            "--method", "dtd", "--param", "tau=0.9", "--fps", "2", "--max-new-tokens", "2",
+            "--out", str(tmp_path / "o")]
     assert eval_main(args) == 0
     report = json.loads((tmp_path / "o" / "scores.json").read_text())
     assert report["scores"]["answered"] == 2 and report["missing_questions"] == 1

@@ -186,7 +186,8 @@ def ovo_fixture(tmp_path):
          "start_times": [1], "end_times": [2],
          "test_info": [{"realtime": 1, "count": 0}, {"realtime": 2.5, "count": 1}, {"realtime": 4.0, "count": 1}]},
         {"id": 5, "task": "SSR", "video": "COIN/aaa.mp4", "tutorial": "t", "all_steps": ["s1"], "start_time": [1],
-         "end_time": [3], "test_info": [{"realtime": 1, "step": "s1", "type": 0}, {"realtime": 3, "step": "s1", "type": 1}]},
+         "end_time": [3],
+         "test_info": [{"realtime": 1, "step": "s1", "type": 0}, {"realtime": 3, "step": "s1", "type": 1}]},
         {"id": 6, "task": "CRR", "video": "chunked_videos/bbb.mp4", "question": "does she?", "answer": "y",
          "ask_time": 1, "clue_time": 2, "test_info": [{"realtime": 1, "type": 0}, {"realtime": 2.5, "type": 1}]},
     ]
@@ -218,7 +219,8 @@ def test_fake_run_resume_equals_uninterrupted(tmp_path):
     assert part["scores"]["answered"] == 3  # question 4 of the first 4 has no video
     first = responses(tmp_path / "resumed")
     FakeSession.log = []
-    resumed = evaluate(EvalConfig(out=str(tmp_path / "resumed"), **cfg), session_factory=FakeSession, log=lambda s: None)
+    resumed = evaluate(EvalConfig(out=str(tmp_path / "resumed"), **cfg), session_factory=FakeSession,
+                       log=lambda s: None)
     assert sum(1 for e in FakeSession.log if e[0] == "ask") == 10 - 3  # nothing asked twice
     assert resumed["scores"] == full["scores"]
     assert responses(tmp_path / "resumed") == responses(tmp_path / "full")

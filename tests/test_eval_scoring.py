@@ -124,12 +124,23 @@ def test_ovo_scores_category_means_and_overall():
         resp[q.qid] = response
 
     # backward: EPM 1/2, ASI 1/1, HLD 0/1 -> mean (0.5 + 1 + 0) / 3 = 0.5
-    add("EPM", "A", "A", 0); add("EPM", "A", "B", 1); add("ASI", "B", "B", 0); add("HLD", "C", "D", 0)
+    add("EPM", "A", "A", 0)
+    add("EPM", "A", "B", 1)
+    add("ASI", "B", "B", 0)
+    add("HLD", "C", "D", 0)
     # realtime: STU 1/1, OCR 0/2 -> (1 + 0) / 2 = 0.5; other real-time tasks absent
-    add("STU", "D", "D", 0); add("OCR", "A", "B", 0); add("OCR", "A", "C", 1)
+    add("STU", "D", "D", 0)
+    add("OCR", "A", "B", 0)
+    add("OCR", "A", "C", 1)
     # forward: REC 1/2, SSR 2/2, CRR 1/4 -> (0.5 + 1 + 0.25) / 3
-    add("REC", 2, "2", 0); add("REC", 2, "5", 1); add("SSR", "Yes", "Yes", 0); add("SSR", "No", "No", 1)
-    add("CRR", "Yes", "Yes", 0); add("CRR", "Yes", "No", 1); add("CRR", "No", "Yes", 2); add("CRR", "No", "x", 3)
+    add("REC", 2, "2", 0)
+    add("REC", 2, "5", 1)
+    add("SSR", "Yes", "Yes", 0)
+    add("SSR", "No", "No", 1)
+    add("CRR", "Yes", "Yes", 0)
+    add("CRR", "Yes", "No", 1)
+    add("CRR", "No", "Yes", 2)
+    add("CRR", "No", "x", 3)
     # an unanswered question is not scored
     qs.append(ovo("ATR", "A", qid="ATR-unanswered"))
     s = score_questions(qs, resp)

@@ -11,7 +11,6 @@ import subprocess
 import sys
 
 import pytest
-from test_eval_runner import FakeSession, frames, make_video, q
 
 import streampress
 from streampress.cli import main
@@ -21,6 +20,7 @@ from streampress.eval.protocol import run_stream
 from streampress.eval.runner import EvalConfig, evaluate
 from streampress.eval.scoring import markdown_table, score_questions
 from streampress.eval.store import load_predictions
+from test_eval_runner import FakeSession, frames, make_video, q
 
 MODEL = "random:qwen2.5-vl-tiny"
 PREFIX = "streampress eval: error: "

@@ -8,11 +8,15 @@ import torch
 
 import streampress
 from streampress.models.base import TEXT, VISUAL, PositionState
-from streampress.models.llava_onevision import (
-    LlavaOnevisionAdapter, LlavaOneVisionAdapter, pool_2x2, siglip_features)
-from streampress.models.random.llava_onevision import build_config
+from streampress.models.llava_onevision import LlavaOneVisionAdapter, LlavaOnevisionAdapter, pool_2x2, siglip_features
 from streampress.models.llava_onevision_preprocess import (
-    DEFAULT_PREFIX, FramePreprocessor, as_frame_tensor, pooled_side, split_chat_template)
+    DEFAULT_PREFIX,
+    FramePreprocessor,
+    as_frame_tensor,
+    pooled_side,
+    split_chat_template,
+)
+from streampress.models.random.llava_onevision import build_config
 
 SIZE = 70  # tiny vision tower: 70x70 input, 5x5 patches of 14, pooled to 3x3
 
@@ -36,8 +40,7 @@ def _smooth_frames(n, h, w, seed=0):
 # ---- preprocessing ----------------------------------------------------------------------
 
 def test_normalisation_equals_hf_numpy_processor_exactly():
-    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
-        LlavaOnevisionImageProcessorPil)
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 
     frames = np.random.default_rng(0).integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8)
     frames[0, 0, :3, 0] = [0, 255, 128]  # extremes and the mid value
@@ -52,8 +55,7 @@ def test_normalisation_equals_hf_numpy_processor_exactly():
 
 @pytest.mark.parametrize("content", ["smooth", "noise"])
 def test_resize_matches_pil_bicubic_within_one_level(content):
-    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
-        LlavaOnevisionImageProcessorPil)
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 
     if content == "smooth":
         frames = _smooth_frames(2, 150, 150)
@@ -218,7 +220,8 @@ def test_question_turn_starts_with_the_video_newline(adapter):
     ids = adapter.question_ids("What {is} it?", has_video=True)
     assert ids[0] == adapter.video_token_id
     assert adapter.detokenize(ids) == "\nWhat {is} it?\nassistant\n"
-    assert adapter.question_ids("Hi", has_video=False) == ids[:0] + adapter.tokenize("\nHi<|im_end|>\n<|im_start|>assistant\n")
+    assert adapter.question_ids("Hi", has_video=False) == (
+        ids[:0] + adapter.tokenize("\nHi<|im_end|>\n<|im_start|>assistant\n"))
     emb = adapter.embed_text(torch.tensor(ids[:2]))
     assert torch.equal(emb[0], adapter.hf_model.model.image_newline.detach())
     assert torch.equal(emb[1], adapter.hf_model.get_input_embeddings().weight[ids[1]])
@@ -257,7 +260,8 @@ LLAVA_HF_TEMPLATE = (
     "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>' }}{% endfor %}"
     "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>' }}{% endfor %}"
     "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ '\n' + content['text'] }}"
-    "{% endfor %}{{'<|im_end|>\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    "{% endfor %}{{'<|im_end|>\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
 def _save_checkpoint(adapter, folder):

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import contextlib
 
-import _model_helpers
 import numpy as np
 import pytest
 import torch
+
+import _model_helpers
 from _model_helpers import StandInPruner as TemporalPruner
 from streampress.memory import SlidingWindow
 from streampress.models.base import VISUAL, PositionState, TokenLayout, text_positions

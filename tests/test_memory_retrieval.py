@@ -29,7 +29,7 @@ Q = "What happens in the video?"
 QWEN25, QWEN3, LLAVA = "random:qwen2.5-vl-tiny", "random:qwen3-vl-tiny", "random:llava-onevision-tiny"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def model(arch: str, dtype: str = "float64", attn: str = "sdpa"):
     if arch == LLAVA or attn != "sdpa":
         return streampress.load_model(arch, dtype=dtype, device="cpu", attn_implementation=attn)
@@ -238,7 +238,7 @@ def test_small_k_cache_holds_prefix_chosen_blocks_and_window(arch):
         # hidden states the full session's prefill fed this layer; GQA by repeat.
         attn = modules[i]
 
-        def heads(proj, norm, hidden):
+        def heads(proj, norm, hidden, attn=attn):  # called only in this iteration; bind `attn`
             x = proj(hidden).view(1, hidden.shape[1], -1, attn.head_dim)
             return (norm(x) if norm is not None else x).transpose(1, 2)
 

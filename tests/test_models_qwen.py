@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from _model_helpers import tiny
-from _qwen_oracle import ARCHS, one_shot_inputs, frames_for
+from _qwen_oracle import ARCHS, frames_for, one_shot_inputs
 from streampress.models import list_families, list_random_architectures, load_model
 from streampress.models.base import VISUAL, PositionState
 from streampress.models.qwen import prompt_pieces
@@ -41,8 +41,10 @@ def test_registry_lists_families_and_random_archs():
 def test_real_size_configs_have_the_checkpoint_shapes(arch, hidden, heads, kv, mlp, out):
     cfg = build_config(arch)
     t, v = cfg.text_config, cfg.vision_config
-    assert (t.hidden_size, t.num_attention_heads, t.num_key_value_heads, t.intermediate_size) == (hidden, heads, kv, mlp)
-    assert (v.hidden_size, v.num_heads, v.intermediate_size, v.window_size, v.out_hidden_size) == (1280, 16, 3420, 112, out)
+    assert (t.hidden_size, t.num_attention_heads, t.num_key_value_heads, t.intermediate_size) == (
+        hidden, heads, kv, mlp)
+    assert (v.hidden_size, v.num_heads, v.intermediate_size, v.window_size, v.out_hidden_size) == (
+        1280, 16, 3420, 112, out)
     assert list(v.fullatt_block_indexes) == [7, 15, 23, 31] and v.depth == 32 and v.tokens_per_second == 2
     assert sum(t.rope_parameters["mrope_section"]) == hidden // heads // 2
     cut = build_config(arch, num_layers=3, vision_depth=9)

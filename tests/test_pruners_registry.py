@@ -27,7 +27,8 @@ def test_metadata_imports_without_torch():
         "assert len(d) == len(r.METHODS) and all(m['paper'] for m in d), d; "
         "assert 'torch' not in sys.modules, 'registry metadata imported torch'; print('ok')"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONPATH": SRC}, check=False)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONPATH": SRC},
+                         check=False)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
 

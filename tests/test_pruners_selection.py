@@ -144,7 +144,8 @@ def literal_divprune(grids, k):
         x = F.normalize(Z, dim=-1)
         dist = 1 - x @ x.T
         # First: the token whose nearest *other* token is farthest (first in raster order on ties).
-        nearest_other = [min(float(dist[i, j]) for j in range(H * W) if j != i) if H * W > 1 else 0.0 for i in range(H * W)]
+        nearest_other = [min(float(dist[i, j]) for j in range(H * W) if j != i) if H * W > 1 else 0.0
+                         for i in range(H * W)]
         chosen = [max(range(H * W), key=lambda i: (nearest_other[i], -i))]
         while len(chosen) < k:
             best, best_i = -1.0, None

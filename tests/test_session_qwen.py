@@ -141,7 +141,8 @@ def test_sliding_window_bounded_over_long_stream(arch):
     prefix = windowed.stats()["kv_cache_tokens"]
     wrapper = 0 if "2.5" in arch else len(m.tokenize("<9999.9 seconds>")) + 2
     newest = calls[-1][-1]
-    window_items = sum(1 for k in range(items) if newest - calls[0][2 * k % per_call] - (2 * k // per_call) * per_call / fps <= window)
+    window_items = sum(1 for k in range(items)
+                       if newest - calls[0][2 * k % per_call] - (2 * k // per_call) * per_call / fps <= window)
     lengths = []
     for times in calls:
         windowed.add_frames(frames, times)

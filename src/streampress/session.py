@@ -37,9 +37,9 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -47,8 +47,11 @@ import torch
 from .memory.base import Block, QuestionInput, resolve_memory
 from .models.base import VISUAL, ModelAdapter, PositionState, TokenLayout, text_positions
 from .protocols import EncoderReuse, MemoryPolicy, Pruner, StreamMemory
+from .watch import TAU, Signal, Trigger, Watch, WatchEvent, change_signal, first_firing
 
 __all__ = ["StreamingSession", "Answer"]
+
+_SIGNALS_KEPT = 256  # change signals a stream remembers (the trigger's history reads the last few)
 
 _LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
@@ -130,6 +133,7 @@ class StreamingSession:
         self.pruner = pruner
         self.cacher = cacher
         self._cacher_state = cacher.new_state() if cacher is not None else None
+        self._watches: list[Watch] = []
         self._policy: MemoryPolicy = resolve_memory(memory)
         self.reset()
 
@@ -148,7 +152,14 @@ class StreamingSession:
         self._grid_hw: tuple[int, int] | None = None
         self._warned_positions = False
         self._counts = dict(frames=0, items=0, visual_tokens_seen=0, visual_tokens_kept=0, questions=0,
-                            encode_seconds=0.0, prune_seconds=0.0, prefill_seconds=0.0, answer_seconds=0.0)
+                            encode_seconds=0.0, prune_seconds=0.0, prefill_seconds=0.0, answer_seconds=0.0,
+                            watch_probes=0)
+        # Change signal (streampress.watch): the last item's grid and (item time, signal) pairs.
+        self._last_grids: torch.Tensor | None = None  # the last two items' grids
+        self._signals: tuple[tuple[float, Signal], ...] = ()
+        self._events: list[WatchEvent] = []
+        for w in getattr(self, "_watches", ()):
+            w.last_text = w.last_probe = None
         layout, state = self.model.begin_stream(PositionState())
         self._prefill(layout)
         self._state = state
@@ -163,8 +174,11 @@ class StreamingSession:
         if self._frame_hw is not None and hw != self._frame_hw:
             raise ValueError(f"frames must keep the stream's size {self._frame_hw[0]}x{self._frame_hw[1]}, "
                              f"got {hw[0]}x{hw[1]} (call reset() to start a stream of another size)")
+        items = self._counts["items"]
         with self._undo_on_failure():
             self._add_frames(frames, times, hw)
+        if self._watches and self._counts["items"] > items:
+            self._probe_watches(self._counts["items"] - items)
 
     def _add_frames(self, frames: torch.Tensor, times: torch.Tensor, hw: tuple[int, int]) -> None:
         if self._pending is not None:
@@ -202,7 +216,8 @@ class StreamingSession:
         for name, value in attrs.items():
             setattr(self, name, value)
 
-    _STREAM_ATTRS = ("_pending", "_pending_times", "_last_time", "_frame_hw", "_grid_hw", "_state", "_counts")
+    _STREAM_ATTRS = ("_pending", "_pending_times", "_last_time", "_frame_hw", "_grid_hw", "_state", "_counts",
+                     "_last_grids", "_signals")
 
     @contextmanager
     def _undo_on_failure(self):
@@ -260,6 +275,7 @@ class StreamingSession:
         grids = encoded.grids
         t1 = self._clock()
         n, hh, ww, _ = grids.shape
+        signals = change_signal(grids, self._last_grids, TAU)
         if self.pruner is not None:
             keep = self.pruner(grids)
             if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or tuple(keep.shape) != (n, hh, ww):
@@ -296,6 +312,10 @@ class StreamingSession:
         c["prune_seconds"] += t2 - t1
         c["prefill_seconds"] += t3 - t2
         self._grid_hw = (hh, ww)
+        recent = grids[-2:] if self._last_grids is None else torch.cat([self._last_grids, grids[-2:]])[-2:]
+        self._last_grids = recent.detach().clone()
+        item_times = (rel[:, 0] + start_time).tolist()
+        self._signals = (self._signals + tuple(zip(item_times, signals)))[-_SIGNALS_KEPT:]
 
     def _prefill(self, layout: TokenLayout, grids: torch.Tensor | None = None,
                  extras: dict | None = None) -> None:
@@ -334,6 +354,12 @@ class StreamingSession:
         ``Answer.choice`` is the letter whose token has the highest logit.
         ``max_new_tokens`` may be 0 with options (choice only).
         """
+        answer = self._answer(question, max_new_tokens, options)
+        self._counts["questions"] += 1
+        self._counts["answer_seconds"] += answer.seconds
+        return answer
+
+    def _answer(self, question: str, max_new_tokens: int, options: Sequence[str] | None) -> Answer:
         if not isinstance(question, str):
             raise TypeError(f"question must be a str, got {type(question).__name__}")
         if not question.strip():
@@ -364,8 +390,6 @@ class StreamingSession:
                                        text_positions(pos, 1, model.position_axes), cache, logits="last")
                 pos += 1
         seconds = time.perf_counter() - t0
-        self._counts["questions"] += 1
-        self._counts["answer_seconds"] += seconds
         choice = max(scores, key=scores.get) if scores else None
         return Answer(model.detokenize(generated), choice, scores, generated, ttft, seconds, *seen)
 
@@ -407,6 +431,81 @@ class StreamingSession:
             with self._memory.answering(QuestionInput(embeds, positions)) as cache:
                 logits = model.forward(embeds, positions, cache, logits="last")
                 yield cache, logits, start + len(ids)
+
+    # ---- proactive answers ----------------------------------------------------------------
+    def watch(self, question: str, *, options: Sequence[str] | None = None, yes_no: bool = False,
+              trigger: Trigger | None = None, min_interval: float = 0.0, max_new_tokens: int = 16,
+              on_answer: Callable[[WatchEvent], None] | None = None) -> Watch:
+        """Register a standing question (see :mod:`streampress.watch`): after each
+        :meth:`add_frames` whose items fire ``trigger`` (default :class:`Trigger`: the
+        temporal drop ratio falls below half its recent average), the question is asked
+        without a trace, and its answer is emitted (``on_answer``, :meth:`poll_events`,
+        ``watch.events``) when it differs from the last one emitted, or, with ``yes_no``,
+        when it turns to "Yes". ``min_interval``: fewest stream seconds between two probes.
+        Returns the :class:`Watch` (``cancel()`` ends it)."""
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError(f"watch question must be a non-empty str, got {question!r}")
+        if options is not None and yes_no:
+            raise ValueError("watch: options and yes_no=True exclude each other")
+        if options is not None:
+            _with_options(question, options)  # validates
+        if isinstance(min_interval, bool) or not isinstance(min_interval, (int, float)) or not (
+                0 <= min_interval < float("inf")):
+            raise ValueError(f"watch min_interval must be seconds >= 0, got {min_interval!r}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"watch max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        if trigger is not None and not isinstance(trigger, Trigger):
+            raise TypeError(f"trigger must be a streampress.watch.Trigger, got {type(trigger).__name__}")
+        if on_answer is not None and not callable(on_answer):
+            raise TypeError(f"on_answer must be callable, got {type(on_answer).__name__}")
+        w = Watch(question, list(options) if options is not None else None, bool(yes_no), float(min_interval),
+                  max_new_tokens, on_answer, trigger=trigger or Trigger())
+        w._remove = self._watches.remove
+        self._watches.append(w)
+        return w
+
+    def poll_events(self) -> list[WatchEvent]:
+        """The proactive answers emitted since the last call, in order."""
+        events, self._events = self._events, []
+        return events
+
+    def _probe_watches(self, new: int) -> None:
+        """Probe every due watch whose trigger fired on one of the ``new`` items just added;
+        one decision per distinct trigger."""
+        signals = self._signals
+        first_new = max(0, len(signals) - new)
+        fired: dict[Trigger, float | None] = {}
+        now = self._last_time
+        for w in list(self._watches):
+            if w.trigger not in fired:
+                fired[w.trigger] = first_firing(w.trigger, signals, first_new)
+            at = fired[w.trigger]
+            if at is None or not w.due(now):
+                continue
+            w.last_probe, w.probes = now, w.probes + 1
+            w.probe_times.append((now, at))
+            self._counts["watch_probes"] += 1
+            try:
+                if w.yes_no:
+                    answer = self._answer(w.question, 0, ["Yes", "No"])
+                    text = "Yes" if answer.choice == "A" else "No"
+                else:
+                    answer = self._answer(w.question, w.max_new_tokens, w.options)
+                    text = answer.choice if w.options is not None else answer.text
+            except Exception as exc:  # the stream is intact (a question leaves no trace); report it
+                self._emit(WatchEvent(w, now, at, "", None, f"{type(exc).__name__}: {exc}"))
+                continue
+            news = w.emits(text)
+            if w.yes_no or news:
+                w.last_text = text
+            if news:
+                self._emit(WatchEvent(w, now, at, text, answer))
+
+    def _emit(self, event: WatchEvent) -> None:
+        event.watch.events.append(event)
+        self._events.append(event)
+        if event.watch.on_answer is not None:
+            event.watch.on_answer(event)
 
     # ---- reporting ----------------------------------------------------------------------
     def stats(self) -> dict:
@@ -473,5 +572,8 @@ def _with_options(question: str, options: Sequence[str]) -> tuple[str, list[str]
     letters = list(_LETTERS[:len(options)])
     lettered = all(o.strip()[:2] in (f"{l}.", f"{l})") for o, l in zip(options, letters))
     lines = [o.strip() if lettered else f"{l}. {o.strip()}" for o, l in zip(options, letters)]
-    prompt = question.strip() + "\n" + "\n".join(lines) + "\nAnswer with the option's letter from the given choices directly."
+    prompt = (
+        question.strip() + "\n" + "\n".join(lines)
+        + "\nAnswer with the option's letter from the given choices directly."
+    )
     return prompt, letters

@@ -25,8 +25,9 @@ import re
 import sys
 import time
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -82,7 +83,7 @@ def open_video(
     format: str | None = None,
     options: dict[str, str] | None = None,
     timeout: float = 10.0,
-) -> "VideoSource":
+) -> VideoSource:
     """Open a video file, image folder, stream URL or camera; see :class:`VideoSource`."""
     return VideoSource(source, fps=fps, max_frames=max_frames, size=size, image_fps=image_fps,
                        format=format, options=options, timeout=timeout)
@@ -417,7 +418,7 @@ class VideoSource:
             self._container.close()
             self._container = None
 
-    def __enter__(self) -> "VideoSource":
+    def __enter__(self) -> VideoSource:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -38,7 +38,9 @@ def find_vision_module(model: nn.Module) -> tuple[nn.Module, EncoderGlue]:
     """``(tower, glue)`` for a vision tower or any model that contains one (first found, in
     ``model.modules()`` order): a module whose class a model family registered glue for."""
     if not isinstance(model, nn.Module):
-        raise TypeError(f"expected a torch.nn.Module (a vision tower or a model holding one), got {type(model).__name__}")
+        raise TypeError(
+            f"expected a torch.nn.Module (a vision tower or a model holding one), got {type(model).__name__}"
+        )
     for module in model.modules():
         glue = vision_glue_for(module)
         if glue is not None:

@@ -98,7 +98,8 @@ def parse_response(q: Question, response: str | None, strict: bool = False):
 
     Lenient (published) parses return what the rule looks at: for OVO multiple choice the
     ground-truth letter when it appears, else the first option letter; for REC the joined
-    digits as a string (``"007"`` does not equal 7, as in the published scorer); for SSR/CRR "Yes"/"No" as the published substring test finds them.
+    digits as a string (``"007"`` does not equal 7, as in the published scorer); for SSR/CRR
+    "Yes"/"No" as the published substring test finds them.
     """
     if response is None:
         return None

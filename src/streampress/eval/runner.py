@@ -19,10 +19,10 @@ import sys
 import time
 import traceback
 from collections import defaultdict
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from . import scoring, sharding, store
 from .datasets import AnnotationError, Annotations, Question, read_annotations, resolve_videos, summarize
@@ -239,7 +239,8 @@ def _run_videos(cfg, videos, by_video, stop_times, paths, done, factory, writer,
                 run_stream(iter_frames(paths[video], cfg.fps, cfg.size), todo, stop_times[video], factory(), emit,
                            cfg.chunk_frames, cfg.max_new_tokens, session_key=video, top_logits=cfg.top_logits)
             else:
-                run_clips(lambda: iter_frames(paths[video], cfg.fps, cfg.size), todo, factory, emit,
+                # run_clips calls open_frames only during this call; bind `video` explicitly anyway.
+                run_clips(lambda video=video: iter_frames(paths[video], cfg.fps, cfg.size), todo, factory, emit,
                           cfg.chunk_frames, cfg.max_new_tokens, session_key=video, top_logits=cfg.top_logits)
         except Exception as exc:
             if cfg.raise_errors:

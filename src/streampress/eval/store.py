@@ -26,9 +26,9 @@ from __future__ import annotations
 import json
 import os
 import socket
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 CONFIG_FILE = "run_config.json"
 LOCK_FILE = "eval.lock"

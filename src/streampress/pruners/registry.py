@@ -52,7 +52,8 @@ METHODS: dict[str, MethodInfo] = {
     for m in (
         MethodInfo(
             "dtd", "dtd", "DTDPruner",
-            (Param("tau", 0.5, "drop a token whose cosine similarity to the same position of the previous grid is > tau"),
+            (Param("tau", 0.5,
+                   "drop a token whose cosine similarity to the same position of the previous grid is > tau"),
              Param("keep_ratio", None, _KEEP_RATIO_ALT + " (first grid kept whole)")),
             "Temporal differential token drop: drops tokens that barely changed since the previous grid; "
             "the first grid of a stream is kept whole.",

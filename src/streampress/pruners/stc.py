@@ -190,7 +190,9 @@ class STCPruner(ScorePruner):
         count = 0 if state is None else state[1]
         counts = torch.arange(count + 1, count + T + 1, device=mean.device, dtype=dtype)
         if self.window is None:
-            carried = torch.zeros((1, D), device=mean.device, dtype=dtype) if state is None else state[0].to(mean.device)
+            carried = (
+                torch.zeros((1, D), device=mean.device, dtype=dtype) if state is None else state[0].to(mean.device)
+            )
             sums = torch.cat([carried, means]).cumsum(dim=0)
             memory = sums[1:] / counts.unsqueeze(1)
             new_state = (sums[-1:].clone(), count + T)
