@@ -156,6 +156,9 @@ def test_run_bench_tiny_model_in_process():
     assert rnd["kv_bytes"] < dense["kv_bytes"] and rnd["kv_tokens"] < dense["kv_tokens"]
     for row in result["runs"]:
         assert row["encode_ms"] > 0 and row["prefill_ms"] > 0 and row["ttft_ms"] > 0 and row["peak_bytes"] > 0
-        assert row["total_ms"] == pytest.approx(row["encode_ms"] + row["prune_ms"] + row["prefill_ms"])
+        assert row["stats"]["encode_ms"]["n"] == 2 and len(row["samples"]["ttft_ms"]) == 3  # 2 items, 3 asks
+        assert row["stats"]["encode_ms"]["min"] <= row["encode_ms"] <= row["stats"]["encode_ms"]["max"]
+    assert set(result["noise"]) == {"controls", "noisy", "threshold", "message"}
+    assert list(result["noise"]["controls"]) == ["random"]  # a pruner without the cacher: same encoder work
     with pytest.raises(ValueError, match="dense baseline"):
         run_bench(model, frames, times, runs[1:])

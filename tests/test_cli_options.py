@@ -68,8 +68,8 @@ MEMORY = [  # run and eval (bench measures the full cache only)
 
 
 def each_command(cases: list, memory_cases: list) -> list:
-    """(command, *case) for run, bench and eval; bench has no --memory (it measures the full cache)."""
-    return [(c, *case) for c in ("run", "bench", "eval") for case in cases + (memory_cases if c != "bench" else [])]
+    """(command, *case) for run, bench and eval: every case in each of them."""
+    return [(c, *case) for c in ("run", "bench", "eval") for case in cases + memory_cases]
 
 
 @pytest.mark.parametrize("command,argv,expected", each_command(SHARED, MEMORY))

@@ -7,6 +7,8 @@ never watched (bit-identical state), and logits forced through a hook on the LM 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -143,3 +145,31 @@ def test_min_interval_cancel_and_bad_arguments():
             s.watch(**kwargs)
     with pytest.raises(ValueError):
         Trigger(mode="sometimes")
+
+
+def test_run_command_prints_proactive_answers_with_their_times(tmp_path, capsys):
+    import av
+
+    from streampress.cli import main
+
+    side, rng = 112, np.random.default_rng(1)
+    looks = [np.full((side, side, 3), (30, 60, 200), np.uint8), rng.integers(0, 256, (side, side, 3), dtype=np.uint8),
+             np.full((side, side, 3), (220, 200, 20), np.uint8)]
+    path = tmp_path / "cuts.mp4"
+    with av.open(str(path), "w") as container:  # 4 fps, cuts at 3 s and 6 s
+        stream = container.add_stream("libx264", rate=4)
+        stream.width = stream.height = side
+        stream.pix_fmt = "yuv420p"
+        for i in range(36):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(looks[i // 12], format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    rc = main(["run", str(path), "--model", QWEN25, "--fps", "2", "--watch", "Did the scene change?",
+               "--ask", "end: What happened?", "--json", "-q"])
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [e["trigger_time"] for e in result["watch_events"]] == [3.0, 6.0]
+    assert all(e["watch"] == "Did the scene change?" and e["stream_time"] >= e["trigger_time"]
+               for e in result["watch_events"])
+    assert result["stats"]["watch_probes"] == 2 and len(result["answers"]) == 1

@@ -8,10 +8,18 @@ from a saved ``bench.json``) without a model::
      "runs": [{"name": "dense", "method": None, "params": {}, "cacher": None, "frames": 16,
                "encode_ms": ..., "prune_ms": ..., "prefill_ms": ..., "total_ms": ...,   # per frame
                "ttft_ms": ..., "tokens_seen": ..., "tokens_kept": ..., "kv_bytes": ...,
-               "peak_bytes": ..., "answer": "..."},
-              ...]}
+               "peak_bytes": ..., "answer": "...",
+               # optional, from the interleaved runner (see streampress.bench.runner):
+               "stats": {"encode_ms": {"median", "q1", "q3", "min", "max", "n"}, ...},
+               "paired_ratios": {"encode_ms": {"median", "q1", "q3", ...}, ...},   # vs dense
+               "samples": {"encode_ms": [per-frame ms, ...], ...}},
+              ...],
+     "noise": {"controls": {"stc": 1.02, ...}, "noisy": False, "threshold": 0.1, "message": "..."}}
 
-The baseline is the run named ``"dense"``; :func:`add_ratios` gives every run its ratios to it.
+The baseline is the run named ``"dense"``; :func:`add_ratios` gives every run its ratios to it
+(the median paired ratio where the runner measured pairs, else value / dense value) and the
+result its :func:`noise_check`: why a report says "machine too noisy" rather than printing
+ratios that only reflect what else the machine was doing.
 """
 
 from __future__ import annotations
@@ -21,10 +29,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["METRICS", "add_ratios", "render_markdown", "render_table", "plot", "write_report",
-           "format_bytes", "json_default"]
+__all__ = ["METRICS", "NOISE_THRESHOLD", "add_ratios", "noise_check", "render_markdown", "render_table", "plot",
+           "write_report", "format_bytes", "json_default"]
 
-# (key, column title, unit); per-frame times are the mean over the stream's frames.
+# (key, column title, unit); per-frame times are medians over per-frame samples.
 METRICS = [
     ("encode_ms", "encoder", "ms/frame"),
     ("prune_ms", "pruning", "ms/frame"),
@@ -40,6 +48,9 @@ _STAGES = [("encode_ms", "encoder", "#4C72B0"), ("prune_ms", "pruning", "#DD8452
 BASELINE = "dense"
 # Dense does no pruning: its pruning time is only bookkeeping, so a ratio to it means nothing.
 _NO_RATIO = {"prune_ms"}
+# A same-work control (a pruning method's encoder time over dense's: identical work) further
+# than this from 1.0 means the machine, not the method, decided the timings.
+NOISE_THRESHOLD = 0.1
 
 
 def _baseline(result: dict) -> dict:
@@ -54,18 +65,64 @@ def _baseline(result: dict) -> dict:
 
 
 def add_ratios(result: dict) -> dict:
-    """Add ``run["ratios"][metric] = run[metric] / dense[metric]`` (None where dense is 0 or a
-    value is missing) and ``run["speedup"] = dense total / run total`` to every run, in place."""
+    """Add ``run["ratios"][metric]`` to every run, in place: the median of per-sample paired
+    ratios to dense where the run has ``paired_ratios``, else ``run[metric] / dense[metric]``
+    (None where dense is 0, a value is missing or the metric is pruning time); add
+    ``run["speedup"] = 1 / ratios["total_ms"]`` and ``result["noise"] = noise_check(result)``."""
     dense = _baseline(result)
     for run in result["runs"]:
         ratios = {}
+        paired = run.get("paired_ratios") or {}
         for key, _, _ in METRICS:
             base, value = dense.get(key), run.get(key)
-            ratios[key] = (value / base) if (base and value is not None and key not in _NO_RATIO) else None
+            if key in _NO_RATIO:
+                ratios[key] = None
+            elif key in paired:
+                ratios[key] = paired[key]["median"]
+            else:
+                ratios[key] = (value / base) if (base and value is not None) else None
         run["ratios"] = ratios
-        total = run.get("total_ms")
-        run["speedup"] = dense["total_ms"] / total if total and dense.get("total_ms") else None
+        run["speedup"] = 1.0 / ratios["total_ms"] if ratios.get("total_ms") else None
+    result["noise"] = noise_check(result)
     return result
+
+
+def noise_check(result: dict, threshold: float = NOISE_THRESHOLD) -> dict:
+    """The same-work control: every run with a pruning method and no cacher encodes exactly
+    what dense encodes, so its encoder time over dense's (the median paired ratio, else the
+    ratio of the values) should be 1.0. Returns ``{"controls": {run: ratio}, "noisy": bool, or
+    None when no run is a control, "threshold", "message"}``."""
+    dense = _baseline(result)
+    controls = {}
+    for run in result["runs"]:
+        if run.get("method") and not run.get("cacher") and run is not dense:
+            paired = (run.get("paired_ratios") or {}).get("encode_ms")
+            ratio = paired["median"] if paired else (
+                run["encode_ms"] / dense["encode_ms"] if dense.get("encode_ms") and run.get("encode_ms") is not None
+                else None)
+            if ratio is not None:
+                controls[run["name"]] = float(ratio)
+    off = {name: r for name, r in controls.items() if abs(r - 1.0) > threshold}
+    listed = ", ".join(f"{name} {r:.2f}x" for name, r in (off or controls).items())
+    if not controls:
+        noisy, message = None, ("no same-work control available (no pruning method without the cacher): "
+                                "timing noise was not checked")
+    elif off:
+        noisy, message = True, (f"machine too noisy: same-work control outside 1.00 +- {threshold:.2f} "
+                                f"(encoder time vs dense, identical work): {listed}; the speed ratios reflect "
+                                "the machine's load, not the methods. Rerun on an idle machine.")
+    else:
+        noisy, message = False, (f"same-work control within 1.00 +- {threshold:.2f} (encoder time vs dense, "
+                                 f"identical work): {listed}")
+    return {"controls": controls, "noisy": noisy, "threshold": threshold, "message": message}
+
+
+def _spread(run: dict, key: str) -> str | None:
+    """Half the interquartile range as a percentage of the median, e.g. "+-3%"."""
+    stats = (run.get("stats") or {}).get(key)
+    if not stats or not stats.get("median"):
+        return None
+    return f"+-{50 * (stats['q3'] - stats['q1']) / abs(stats['median']):.0f}%"
 
 
 def format_bytes(n: float | None) -> str:
@@ -115,12 +172,15 @@ def _describe_config(config: dict) -> list[str]:
 
 def render_markdown(result: dict) -> str:
     """The report as Markdown: configuration, then one row per run with ratios to dense."""
-    if not all("ratios" in r for r in result["runs"]):
+    if not all("ratios" in r for r in result["runs"]) or "noise" not in result:
         add_ratios(result)
     lines = ["# streampress bench", ""]
     lines += [f"- {line}" for line in _describe_config(result.get("config", {}))]
-    lines += ["", "Times are means per video frame; each cell shows the value and its ratio to the dense run "
-                  "(same frames, same process).", ""]
+    noise = result["noise"]
+    lines += ["", ("**" + noise["message"] + "**") if noise["noisy"] else noise["message"]]
+    lines += ["", "Each cell shows the value and its ratio to the dense run (same frames, same process)."
+                  + (f" Timing: {result['config']['timing']}; +-N% is half the interquartile range."
+                     if result.get("config", {}).get("timing") else ""), ""]
     header = ["run", "parameters"] + [f"{title} ({unit})" if unit not in ("bytes", "tokens") else title
                                       for _, title, unit in METRICS] + ["speedup"]
     lines.append("| " + " | ".join(header) + " |")
@@ -129,7 +189,8 @@ def render_markdown(result: dict) -> str:
         cells = [_run_label(run), _params_text(run)]
         for key, _, _ in METRICS:
             value, ratio = _cell(run, key)
-            cells.append(f"{value} ({ratio})")
+            spread = _spread(run, key)
+            cells.append(f"{value}{' ' + spread if spread else ''} ({ratio})")
         cells.append("-" if run.get("speedup") is None else f"{run['speedup']:.2f}x")
         lines.append("| " + " | ".join(cells) + " |")
     answers = [r for r in result["runs"] if r.get("answer") is not None]
@@ -148,17 +209,24 @@ def _params_text(run: dict) -> str:
 
 def render_table(result: dict):
     """A ``rich.table.Table`` of the report: one column per run, one row per metric, each cell
-    the value and (dimmed, below it) its ratio to dense. Runs as columns keep it within an
-    80-column terminal for the default set of runs."""
+    the value, its spread and (dimmed, below it) its ratio to dense; the noise check's line
+    below (bold red "machine too noisy: ..." when the same-work control fails). Runs as
+    columns keep it within an 80-column terminal for the default set of runs."""
     from rich import box
     from rich.table import Table
 
-    if not all("ratios" in r for r in result["runs"]):
+    if not all("ratios" in r for r in result["runs"]) or "noise" not in result:
         add_ratios(result)
     config = result.get("config", {})
     runs = result["runs"]
+    noise = result["noise"]
+    caption = "value, and below it the ratio to dense (same frames, same process)"
+    if any(r.get("stats") for r in runs):
+        caption = ("median over per-frame samples, +-N% = half the interquartile range, and below it the median "
+                   "paired ratio to dense (interleaved, same frames, same process)")
+    style = "bold red" if noise["noisy"] else ("yellow" if noise["noisy"] is None else "green")
     table = Table(title=f"streampress bench: {config.get('model', '?')}\n{config.get('device', '?')}",
-                  caption="value, and below it the ratio to dense (same frames, same process)",
+                  caption=f"{caption}\n[{style}]{noise['message']}[/{style}]",
                   box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("", style="bold", no_wrap=True)
     for run in runs:  # break long names at underscores so they wrap instead of truncating
@@ -172,10 +240,17 @@ def render_table(result: dict):
             text = "-" if value is None else (f"{value / 2**20:.1f}" if key.endswith("_bytes")
                                               else _format_value(key, value))
             ratio = run.get("ratios", {}).get(key)
-            cells.append(f"{text}\n[dim]{'-' if ratio is None else f'{ratio:.2f}x'}[/dim]")
+            spread = _spread(run, key)
+            lines = [text] + ([f"[dim]{spread}[/dim]"] if spread else []) + [
+                f"[dim]{'-' if ratio is None else f'{ratio:.2f}x'}[/dim]"]
+            cells.append("\n".join(lines))
         table.add_row(f"{title}\n[dim]{unit}[/dim]" if unit else title, *cells)
     table.add_row("speedup", *["-" if r.get("speedup") is None else f"[bold]{r['speedup']:.2f}x[/bold]"
                                for r in runs])
+    if noise["controls"]:
+        table.add_row(f"[{style}]same-work control[/{style}]\n[dim]encoder vs dense[/dim]",
+                      *[f"[{style}]{noise['controls'][r['name']]:.2f}x[/{style}]" if r["name"] in noise["controls"]
+                        else "-" for r in runs])
     return table
 
 
@@ -187,7 +262,7 @@ def plot(result: dict, path: str | Path) -> Path:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    if not all("ratios" in r for r in result["runs"]):
+    if not all("ratios" in r for r in result["runs"]) or "noise" not in result:
         add_ratios(result)
     runs, config = result["runs"], result.get("config", {})
     names = [_run_label(r) for r in runs]
@@ -202,11 +277,17 @@ def plot(result: dict, path: str | Path) -> Path:
             label = f"{label} (at most {values.max():.2g} ms)"
         ax_time.bar(x, values, bottom=bottom, label=label, color=color)
         bottom += values
-    for xi, total in zip(x, bottom):
-        ax_time.annotate(f"{total:.0f}", (xi, total), ha="center", va="bottom", fontsize=9)
+    spreads = [(r.get("stats") or {}).get("total_ms") for r in runs]
+    tops = bottom.copy()
+    if all(spreads):  # median and interquartile range of the per-frame total (bars: stage medians)
+        ax_time.errorbar(x, [s["median"] for s in spreads], fmt="none", ecolor="black", capsize=4, linewidth=1,
+                         yerr=[[s["median"] - s["q1"] for s in spreads], [s["q3"] - s["median"] for s in spreads]])
+        tops = np.maximum(tops, [s["q3"] for s in spreads])
+    for xi, total, top in zip(x, bottom, tops):
+        ax_time.annotate(f"{total:.0f}", (xi, top), ha="center", va="bottom", fontsize=9)
     ax_time.set_title("Time per frame by stage")
     ax_time.set_ylabel("milliseconds per frame")
-    ax_time.set_ylim(0, max(bottom.max(), 1e-9) * 1.35)  # headroom: the legend never hides a bar
+    ax_time.set_ylim(0, max(tops.max(), 1e-9) * 1.35)  # headroom: the legend never hides a bar
     ax_time.legend(loc="upper right", ncol=3, fontsize=8)
 
     kept = np.array([r.get("tokens_kept") or 0 for r in runs], dtype=float)
@@ -227,7 +308,8 @@ def plot(result: dict, path: str | Path) -> Path:
     ax_mem.bar(x + width / 2, peak, width, label="peak memory", color="#937860")
     for offset, values in ((-width / 2, kv), (width / 2, peak)):
         for xi, value in zip(x, values):
-            ax_mem.annotate(f"{value:,.0f}" if value >= 100 else f"{value:.3g}", (xi + offset, value), ha="center", va="bottom", fontsize=8)
+            ax_mem.annotate(f"{value:,.0f}" if value >= 100 else f"{value:.3g}", (xi + offset, value),
+                            ha="center", va="bottom", fontsize=8)
     ax_mem.set_title("KV cache after the stream, and peak memory")
     ax_mem.set_ylabel("MiB (log scale)")
     ax_mem.set_yscale("symlog", linthresh=1.0)
@@ -257,7 +339,11 @@ def plot(result: dict, path: str | Path) -> Path:
               + (f" at {config['fps']:g} fps" if config.get("fps") else "")]
     if config.get("keep_ratio") is not None:
         detail.append(f"keep ratio {config['keep_ratio']:g}")
-    fig.suptitle(f"streampress bench: {config.get('model', '?')}\n" + " | ".join(detail), fontsize=12)
+    title = f"streampress bench: {config.get('model', '?')}\n" + " | ".join(detail)
+    if result["noise"]["noisy"]:
+        title += "\nMACHINE TOO NOISY: same-work control " + ", ".join(
+            f"{k} {v:.2f}x" for k, v in result["noise"]["controls"].items()) + " (should be 1.00x)"
+    fig.suptitle(title, fontsize=12, color="darkred" if result["noise"]["noisy"] else "black")
     path = Path(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -41,6 +41,7 @@ def add_parser(subparsers, common) -> None:
                                keep_ratio_help=f"matched budget in (0, 1] for every method (default "
                                                f"{KEEP_RATIO}, or each method's own rule with --param)")
     options.add_cacher_options(p, optional=True)
+    options.add_memory_option(p)
     g = p.add_argument_group("frames")
     options.add_frame_options(g, size_help=f"frame size: W (the longer side, aspect kept) or WxH (default: "
                                            f"{options.size_text(DEFAULT_SIZE)} for the synthetic clip, "
@@ -49,9 +50,10 @@ def add_parser(subparsers, common) -> None:
                    help="frames to stream (default %(default)s)")
     g = p.add_argument_group("measurement and report")
     g.add_argument("--repeats", type=options.positive_int, default=1, metavar="N",
-                   help="rounds over all runs; times are medians (default 1)")
+                   help="rounds over all runs, each with fresh sessions; times are medians over every "
+                        "round's items (default 1)")
     g.add_argument("--question", type=options.nonblank, default="What is moving in the video?",
-                   help="asked once, at the end")
+                   help="asked at the end of each round, 3 times per run, interleaved between runs")
     options.add_max_new_tokens(g, MAX_NEW_TOKENS)
     g.add_argument("--out", default="streampress-bench", metavar="FOLDER",
                    help="output folder (default ./streampress-bench/)")
@@ -112,11 +114,12 @@ def main(args) -> int:
         if args.cacher is not None:
             runs.append(RunSpec("dense+cacher", None, {}, dict(args.cacher)))
         result = run_bench(model, frames, times, runs, question=args.question, max_new_tokens=args.max_new_tokens,
-                           repeats=args.repeats, progress=bar)
+                           repeats=args.repeats, progress=bar, kv_memory=options.memory_policy(args.memory))
     config = result["config"]
     config.update(model=name + (" (" + ", ".join(f"{k}={v}" for k, v in cuts.items()) + ")" if cuts else ""),
                   video=video, fps=args.fps, keep_ratio=args.keep_ratio, methods=list(args.method),
-                  params=args.params, cacher=args.cacher, wall_seconds=round(time.perf_counter() - started, 1))
+                  params=args.params, cacher=args.cacher, memory=options.memory_text(args.memory),
+                  wall_seconds=round(time.perf_counter() - started, 1))
     paths = write_report(result, args.out)
     out = err if args.json else Console()
     out.print(render_table(result))

@@ -91,6 +91,11 @@ def positive_float(text: str) -> float:
     return value if value is not None and value > 0 else fail(f"expected a finite number > 0, got {text!r}")
 
 
+def non_negative_float(text: str) -> float:
+    value = _number(text)
+    return value if value is not None and value >= 0 else fail(f"expected a finite number >= 0, got {text!r}")
+
+
 def fraction(text: str) -> float:
     """A share in (0, 1]: ``--keep-ratio``, ``--cacher-rho``."""
     value = _number(text)

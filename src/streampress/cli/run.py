@@ -180,6 +180,11 @@ def add_parser(subparsers, common) -> None:
     options.add_max_new_tokens(g, MAX_NEW_TOKENS)
     g.add_argument("--out", default=None, metavar="ANSWERS.jsonl",
                    help="also write each answer, as it is given, as one JSON line to this file")
+    g.add_argument("--watch", action="append", default=[], metavar="QUESTION",
+                   help="a standing question answered proactively when the scene changes (repeatable); "
+                        "each answer that differs from the last is printed with its stream time")
+    g.add_argument("--watch-interval", type=options.non_negative_float, default=0.0, metavar="SECONDS",
+                   help="fewest stream seconds between two probes of a watch (default 0)")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.set_defaults(func=main, check=partial(check, p))
 
@@ -240,9 +245,11 @@ def stream_answers(frames: Iterable, questions: list[Question], session, chunk_f
                    warn: Callable[[str], None] = lambda text: None,
                    on_frame: Callable[[], None] = lambda: None) -> Iterator[dict]:
     """Feed ``frames`` (objects with ``image`` and ``timestamp``) to ``session`` in chunks of
-    ``chunk_frames``; yield one record per question, answered as soon as a frame later than
-    its time arrives (after the frames before it), ``end`` questions after the last frame.
-    A question asked before any frame is answered without video, and ``warn`` says so."""
+    ``chunk_frames``; yield one record per question (``kind: "answer"``), answered as soon as
+    a frame later than its time arrives (after the frames before it), ``end`` questions after
+    the last frame, and one per proactive answer of the session's watches (``kind:
+    "watch"``) as the chunk that triggered it is added. A question asked before any frame
+    is answered without video, and ``warn`` says so."""
     from streampress.video import FrameBuffer
 
     pending = sorted(questions, key=lambda q: q.time)
@@ -253,28 +260,34 @@ def stream_answers(frames: Iterable, questions: list[Question], session, chunk_f
         batch = buffer.pop()
         if batch is not None:
             session.add_frames(*batch)
+        return [watch_record(e) for e in session.poll_events()] if hasattr(session, "poll_events") else []
+
+    def watch_record(e) -> dict:
+        return {"kind": "watch", "watch": e.watch.question, "stream_time": e.time, "trigger_time": e.trigger_time,
+                "answer": e.text, **({"error": e.error} if e.error else {})}
 
     def answer(q: Question, at_end: bool) -> dict:
-        flush()
         when = "end" if math.isinf(q.time) else f"{q.time:g} s"
         if seen == 0:
             warn(f"the question at {when} comes before the first frame; it is answered without video")
         t0 = time.perf_counter()
         reply = session.ask(q.text, max_new_tokens=max_new_tokens, options=q.options)
-        return {"time": None if math.isinf(q.time) else q.time, "stream_time": now, "frames_seen": seen,
-                "frames_pending": int(session.stats().get("pending_frames", 0)),  # waiting for their item
+        return {"kind": "answer", "time": None if math.isinf(q.time) else q.time, "stream_time": now,
+                "frames_seen": seen, "items_seen": getattr(reply, "items", None),
                 "question": q.text, "options": q.options, "answer": getattr(reply, "text", str(reply)),
                 "choice": getattr(reply, "choice", None), "seconds": time.perf_counter() - t0,
                 "after_end": at_end and not math.isinf(q.time) and q.time > now}
 
     for frame in frames:
-        while pending and frame.timestamp > pending[0].time + 1e-9:
-            yield answer(pending.pop(0), at_end=False)
+        if pending and frame.timestamp > pending[0].time + 1e-9:
+            yield from flush()  # the frames before the question, and what watches said about them
+            while pending and frame.timestamp > pending[0].time + 1e-9:
+                yield answer(pending.pop(0), at_end=False)
         seen, now = seen + 1, frame.timestamp
         if buffer.push(frame.image, frame.timestamp):
-            flush()
+            yield from flush()
         on_frame()
-    flush()
+    yield from flush()
     while pending:
         yield answer(pending.pop(0), at_end=True)
 
@@ -316,6 +329,8 @@ def _run(args, source, checkpoint: str, out, started: float) -> int:
                   else create_pruner(args.method, **options.pruner_params(args.keep_ratio, args.params)))
         cacher = create_cacher(**args.cacher) if args.cacher else None
         session = StreamingSession(model, pruner=pruner, cacher=cacher, memory=options.memory_policy(args.memory))
+        for question in args.watch:
+            session.watch(question, min_interval=args.watch_interval, max_new_tokens=args.max_new_tokens)
         if not args.json:
             info = source.info
             print(f"{info.source}: {info.width}x{info.height}, "
@@ -324,12 +339,12 @@ def _run(args, source, checkpoint: str, out, started: float) -> int:
                   + (" + cacher" if cacher else "") + f" | memory {options.memory_text(args.memory)}")
         total = source.estimated_frames()
         task = bar.add_task("streaming" + (f" {total} frames" if total else ""), total=total)
-        answers = []
+        answers, watched = [], []
         try:
             for record in stream_answers(source, args.questions, session, args.chunk_frames or model.frames_per_item,
                                          args.max_new_tokens, lambda text: _say("warning", text),
                                          lambda: bar.advance(task)):
-                answers.append(record)
+                (watched if record["kind"] == "watch" else answers).append(record)
                 if out is not None:
                     out.write(json.dumps(record, default=json_default) + "\n")
                     out.flush()
@@ -337,26 +352,32 @@ def _run(args, source, checkpoint: str, out, started: float) -> int:
                     _print_answer(record)
         except VideoError as exc:  # the answers given so far are printed / written already
             if args.json:
-                _print_json(args, source, model, pruner, answers, session.stats(), started, error=str(exc))
+                _print_json(args, source, model, pruner, answers, watched, session.stats(), started,
+                            error=str(exc))
             raise
     if args.json:
-        _print_json(args, source, model, pruner, answers, session.stats(), started)
+        _print_json(args, source, model, pruner, answers, watched, session.stats(), started)
     else:
         _print_stats(session.stats(), time.perf_counter() - started)
     return 0
 
 
-def _print_json(args, source, model, pruner, answers, stats, started, error=None) -> None:
+def _print_json(args, source, model, pruner, answers, watched, stats, started, error=None) -> None:
     result = {"video": source.info._asdict(), "model": model.describe(),
               "method": {"name": args.method, "params": pruner.params if pruner else {}},
               "cacher": args.cacher, "memory": options.memory_text(args.memory), "fps": args.fps,
-              "answers": answers, "stats": stats, "wall_seconds": time.perf_counter() - started}
+              "answers": answers, "watch_events": watched, "stats": stats, "wall_seconds": time.perf_counter() - started}
     if error is not None:
         result["error"] = error
     print(json.dumps(result, indent=2, default=json_default))
 
 
 def _print_answer(r: dict) -> None:
+    if r["kind"] == "watch":
+        text = r["answer"] if r["answer"].isprintable() else repr(r["answer"])
+        print(f"[{r['stream_time']:.1f} s, scene changed at {r['trigger_time']:.1f} s] watch: {r['watch']}")
+        print(f"    A: {r.get('error') or text}", flush=True)
+        return
     when = "end" if r["time"] is None else f"{r['time']:.1f} s"
     late = f" (video ended at {r['stream_time']:.1f} s)" if r["after_end"] else ""
     print(f"[{when}{late}] Q: {r['question']}")
@@ -364,8 +385,7 @@ def _print_answer(r: dict) -> None:
         print("    options: " + "  ".join(f"{chr(65 + i)}. {o}" for i, o in enumerate(r["options"])))
     choice = f" -> {r['choice']}" if r["choice"] else ""
     text = r["answer"] if r["answer"].isprintable() else repr(r["answer"])  # random weights: any bytes
-    pending = f", {r['frames_pending']} held until its item is complete" if r["frames_pending"] else ""
-    print(f"    A: {text}{choice}   ({r['frames_seen']} frames seen{pending}, {r['seconds']:.2f} s)", flush=True)
+    print(f"    A: {text}{choice}   ({r['frames_seen']} frames seen, {r['seconds']:.2f} s)", flush=True)
 
 
 def _print_stats(stats: dict, wall: float) -> None:
