@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from streampress.bench.report import add_ratios, format_bytes, render_markdown, render_table, write_report
+from streampress.bench.report import add_ratios, render_markdown, render_table, write_report
 from streampress.bench.runner import PeakMemory, RunSpec, default_runs, run_bench
 from streampress.bench.synthetic import synthetic_video
+from streampress.formatting import format_bytes
 
 
 def _run(name, encode, prune, prefill, ttft, kept, kv, peak, method=None, params=None, cacher=None):

@@ -321,7 +321,7 @@ def test_cli_package_has_no_import_circles_and_the_library_does_not_import_it():
         assert old not in modules  # no leftover shims
     cli = {m for m in modules if m.startswith("streampress.cli.")}
     assert {"streampress.cli.run", "streampress.cli.bench", "streampress.cli.eval", "streampress.cli.list",
-            "streampress.cli.options", "streampress.cli.format"} <= cli
+            "streampress.cli.options"} <= cli
     for name, path in modules.items():
         if not name.startswith("streampress.cli") and not name.endswith("__main__"):
             assert not any(m.startswith("streampress.cli") for m in _imports(path, name)), name

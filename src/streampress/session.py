@@ -49,7 +49,7 @@ from .models.base import VISUAL, ModelAdapter, PositionState, TokenLayout, text_
 from .protocols import EncoderReuse, MemoryPolicy, Pruner, StreamMemory
 from .watch import TAU, Signal, Trigger, Watch, WatchEvent, change_signal, first_firing
 
-__all__ = ["StreamingSession", "Answer"]
+__all__ = ["StreamingSession", "Answer", "AnswerStream"]
 
 _SIGNALS_KEPT = 256  # change signals a stream remembers (the trigger's history reads the last few)
 
@@ -359,7 +359,29 @@ class StreamingSession:
         self._counts["answer_seconds"] += answer.seconds
         return answer
 
+    def ask_stream(self, question: str, max_new_tokens: int = 32,
+                   options: Sequence[str] | None = None) -> AnswerStream:
+        """:meth:`ask`, one token at a time: iterate the returned :class:`AnswerStream` for
+        the answer's token ids as they are generated; ``stream.started`` is set once the
+        question is prefilled (time to first token and what the question saw) and
+        ``stream.answer`` once it is exhausted. ``stream.close()`` stops early; either way
+        the question leaves no trace. Arguments are checked at once."""
+        stream = AnswerStream()
+        stream._gen = self._answer_steps(*self._question_prompt(question, max_new_tokens, options),
+                                         max_new_tokens, stream, count=True)
+        return stream
+
     def _answer(self, question: str, max_new_tokens: int, options: Sequence[str] | None) -> Answer:
+        stream = AnswerStream()
+        stream._gen = self._answer_steps(*self._question_prompt(question, max_new_tokens, options),
+                                         max_new_tokens, stream, count=False)
+        for _ in stream:
+            pass
+        return stream.answer
+
+    def _question_prompt(self, question: str, max_new_tokens: int,
+                         options: Sequence[str] | None) -> tuple[str, list[str]]:
+        """The question as prompted (options listed) and the option letters; checks arguments."""
         if not isinstance(question, str):
             raise TypeError(f"question must be a str, got {type(question).__name__}")
         if not question.strip():
@@ -371,6 +393,11 @@ class StreamingSession:
             question, letters = _with_options(question, options)
         elif max_new_tokens == 0:
             raise ValueError("max_new_tokens must be at least 1 without options")
+        return question, letters
+
+    def _answer_steps(self, question: str, letters: list[str], max_new_tokens: int, stream: AnswerStream,
+                      count: bool):
+        """The greedy loop with explicit positions, one token id per step; returns the Answer."""
         model = self.model
         letter_ids = [model.tokenize(letter)[0] for letter in letters]
         t0 = time.perf_counter()
@@ -378,18 +405,23 @@ class StreamingSession:
         with self._answer_context(question, max_new_tokens) as (cache, logits, pos):
             ttft = time.perf_counter() - t0
             seen = (self._counts["frames"], self._counts["items"], self._counts["visual_tokens_kept"])
+            stream.started = (ttft, *seen)
             scores = {l: float(logits[i]) for l, i in zip(letters, letter_ids)}
             for step in range(max_new_tokens):
                 token = int(logits.argmax())
                 if token in model.stop_token_ids:
                     break
                 generated.append(token)
+                yield token
                 if step + 1 == max_new_tokens:
                     break
                 logits = model.forward(model.embed_text(torch.tensor([token])),
                                        text_positions(pos, 1, model.position_axes), cache, logits="last")
                 pos += 1
         seconds = time.perf_counter() - t0
+        if count:
+            self._counts["questions"] += 1
+            self._counts["answer_seconds"] += seconds
         choice = max(scores, key=scores.get) if scores else None
         return Answer(model.detokenize(generated), choice, scores, generated, ttft, seconds, *seen)
 
@@ -542,6 +574,31 @@ class StreamingSession:
         if self.model.device.type == "cuda":
             torch.cuda.synchronize(self.model.device)
         return time.perf_counter()
+
+
+class AnswerStream:
+    """An answer being generated (:meth:`StreamingSession.ask_stream`): iterate for token
+    ids; ``started``: ``(time_to_first_token, frames, items, visual_tokens)`` once the
+    question is prefilled; ``answer``: the :class:`Answer` once exhausted; ``close()``
+    stops generating (the session is as before the question either way)."""
+
+    def __init__(self):
+        self._gen = None
+        self.started: tuple[float, int, int, int] | None = None
+        self.answer: Answer | None = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> int:
+        try:
+            return next(self._gen)
+        except StopIteration as stop:
+            self.answer = stop.value
+            raise
+
+    def close(self) -> None:
+        self._gen.close()
 
 
 def _snapshot_of(obj):

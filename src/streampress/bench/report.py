@@ -27,10 +27,11 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
-from typing import Any
+
+from ..formatting import format_bytes, json_default
 
 __all__ = ["METRICS", "NOISE_THRESHOLD", "add_ratios", "noise_check", "render_markdown", "render_table", "plot",
-           "write_report", "format_bytes", "json_default"]
+           "write_report"]
 
 # (key, column title, unit); per-frame times are medians over per-frame samples.
 METRICS = [
@@ -124,15 +125,6 @@ def _spread(run: dict, key: str) -> str | None:
         return None
     return f"+-{50 * (stats['q3'] - stats['q1']) / abs(stats['median']):.0f}%"
 
-
-def format_bytes(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
 
 
 def _format_value(key: str, value) -> str:
@@ -365,6 +357,3 @@ def write_report(result: dict, out_dir: str | Path) -> dict[str, Path]:
     return paths
 
 
-def json_default(value: Any):
-    """JSON for numpy / torch values (scalars and arrays), else their text."""
-    return value.tolist() if hasattr(value, "tolist") else str(value)

@@ -5,7 +5,7 @@
   ``add_parser(subparsers, common)`` and ``main(args)``.
 - :mod:`.options`: the parser class, argument types and option groups the sub-commands share.
 - :mod:`.model`: the ``--model`` argument and loading it (a fast, one-line failure offline).
-- :mod:`.format`: ``format_bytes`` and ``json_default``; :mod:`.progress`: stderr progress.
+- :mod:`.progress`: stderr progress (formatting helpers: :mod:`streampress.formatting`).
 
 Imports go one way: ``app`` -> sub-commands -> ``options`` / ``model`` / ``format`` /
 ``progress``, and into the library (``streampress.*``), which never imports this package.

@@ -1,7 +1,7 @@
 """The ``streampress`` command: the top-level parser, dispatch to the sub-commands, one-line errors.
 
 Each sub-command is a module of this package (:mod:`.list`, :mod:`.run`, :mod:`.bench`,
-:mod:`.eval`) with ``add_parser(subparsers, common)``, which sets ``func`` (the command) and
+:mod:`.eval`, :mod:`.serve`) with ``add_parser(subparsers, common)``, which sets ``func`` (the command) and
 optionally ``check(args)`` (checks across options, bound to the sub-parser) as parser
 defaults. Argument errors are one line ``streampress CMD: error: ...`` with exit status 2;
 any other error is one line ``streampress: error: ...`` with status 1, or its traceback with
@@ -17,11 +17,12 @@ from . import bench as bench_command
 from . import eval as eval_command
 from . import list as list_command
 from . import run as run_command
+from . import serve as serve_command
 from .options import PROG, Parser, add_common
 
 __all__ = ["build_parser", "parse_args", "main", "error_line"]
 
-COMMANDS = (list_command, run_command, bench_command, eval_command)
+COMMANDS = (list_command, run_command, bench_command, eval_command, serve_command)
 
 
 def build_parser() -> Parser:

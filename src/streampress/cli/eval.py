@@ -16,6 +16,7 @@ import sys
 from functools import partial
 
 from streampress.eval.datasets import BENCHMARKS
+from streampress.eval.proactive import FORWARD_MODES
 from streampress.eval.runner import MODES
 
 from . import model as model_arg
@@ -30,6 +31,8 @@ EXAMPLES = """examples:
   streampress eval streamingbench --annotations streamingbench_real_stream.json --videos DIR \\
       --model Qwen/Qwen2.5-VL-7B-Instruct --method streaming_assistant --keep-ratio 0.1 --out runs/sb
   torchrun --nproc-per-node 8 -m streampress.eval ovobench --annotations ... --videos DIR --model ...
+  streampress eval ovobench --annotations ovo_bench_new.json --videos DIR --model ... \
+      --proactive --chunk-frames 2 --tasks REC SSR CRR     # forward tasks: probe vs proactive
 
 input checks (before any model loads or anything is written):
   every annotation entry: times finite and >= 0, options a list of strings, the ground truth
@@ -65,6 +68,13 @@ def add_parser(subparsers, common) -> None:
     g.add_argument("--chunk-frames", type=options.positive_int, default=16, metavar="N",
                    help="frames per add_frames call (default %(default)s)")
     options.add_memory_option(g)
+    g.add_argument("--forward-mode", choices=FORWARD_MODES, default="probe",
+                   help="OVO-Bench forward tasks (REC, SSR, CRR): probe = ask at every annotated time "
+                        "(default); proactive = also answer them with watches that speak when the scene "
+                        "changes, scored side by side with probe mode (stream mode; --chunk-frames 2 "
+                        "for live latency)")
+    g.add_argument("--proactive", dest="forward_mode", action="store_const", const="proactive",
+                   help="same as --forward-mode proactive")
     g = p.add_argument_group("questions and output")
     options.add_max_new_tokens(g, MAX_NEW_TOKENS)
     g.add_argument("--tasks", nargs="+", default=None, help="only these tasks")
@@ -99,7 +109,8 @@ def config_from_args(args: argparse.Namespace):
                       fps=args.fps, size=args.size, mode=args.mode, chunk_frames=args.chunk_frames,
                       max_new_tokens=args.max_new_tokens, limit=args.limit, tasks=args.tasks, strict=args.strict,
                       memory=args.memory, cacher=args.cacher, dtype=args.dtype, device=args.device,
-                      seed=args.seed, top_logits=args.top_logits, skip_invalid=args.skip_invalid)
+                      seed=args.seed, top_logits=args.top_logits, skip_invalid=args.skip_invalid,
+                      forward_mode=args.forward_mode)
 
 
 def _summary(scores: dict) -> str:
@@ -110,6 +121,15 @@ def _summary(scores: dict) -> str:
     if "labels" in scores:
         return "; ".join(f"{scores['labels'][k]}: {pct(scores[k])}" for k in ("overall", "task_mean"))
     return f"overall: {pct(scores['overall'])}"
+
+
+def _forward_summary(fm: dict) -> str:
+    """Forward accuracy and model calls of both modes, labelled."""
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.2f}%"
+
+    return "; ".join(f"{m} {pct(fm[m]['forward'])} in {fm[m]['model_calls']} model calls"
+                     for m in ("probe", "proactive"))
 
 
 def main(args: argparse.Namespace) -> int:
@@ -131,4 +151,6 @@ def main(args: argparse.Namespace) -> int:
     if report is None:  # not rank 0
         return 0
     print(f"scores: {cfg.out}/scores.md  {_summary(report['scores'])}")
+    if "forward_modes" in report:
+        print("forward tasks: " + _forward_summary(report["forward_modes"]))
     return 1 if report["errors"] else 0

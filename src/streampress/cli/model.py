@@ -12,17 +12,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import socket
-import threading
-import urllib.parse
-import urllib.request
 
-__all__ = ["HUB_ID", "model_name", "resolve_model", "hub_reachable", "load"]
+from streampress.models.checkpoint import HUB_ID, HUB_TIMEOUT, hub_reachable, offline_message  # no torch
 
-# OWNER/NAME as the hub allows them: letters, digits, '-', '_', '.'; no '--' or '..'.
-HUB_ID = re.compile(r"(?!.*(?:--|\.\.))[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
-HUB_TIMEOUT = 3.0  # seconds for the connection test
+__all__ = ["HUB_ID", "HUB_TIMEOUT", "model_name", "resolve_model", "hub_reachable", "load"]
 
 
 def _is_random(name: str) -> bool:
@@ -50,33 +43,6 @@ def model_name(text: str) -> str:
                                      "or hub id OWNER/NAME")
 
 
-def hub_reachable(timeout: float = HUB_TIMEOUT) -> bool:
-    """Whether a TCP connection to the hub (or the HTTPS proxy) opens within ``timeout`` seconds;
-    False at once under ``HF_HUB_OFFLINE``. Name resolution runs in a helper thread, so a
-    resolver that hangs costs ``timeout`` too."""
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-        return False
-    url = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
-    proxy = urllib.request.getproxies().get(url.scheme)
-    if proxy and not urllib.request.proxy_bypass(host):
-        proxy_url = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
-        host, port = proxy_url.hostname or host, proxy_url.port or 80
-    result: list[bool] = []
-
-    def connect():
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-            result.append(True)
-        except OSError:
-            result.append(False)
-
-    worker = threading.Thread(target=connect, daemon=True)
-    worker.start()
-    worker.join(timeout)
-    return bool(result and result[0])
-
-
 def resolve_model(name: str, reachable=hub_reachable) -> str:
     """What to hand to ``load_model`` for ``name``: folders and ``random:`` as they are; a hub
     id as it is when the hub answers, else its snapshot folder in the local cache.
@@ -90,17 +56,17 @@ def resolve_model(name: str, reachable=hub_reachable) -> str:
 
         return snapshot_download(name, local_files_only=True)  # reads the cache only
     except Exception:
-        raise RuntimeError(
-            f"--model {name}: the Hugging Face hub cannot be reached and the model is not in the local cache; "
-            f"download it where there is network (hf download {name} --local-dir DIR), then pass "
-            "the folder: --model DIR") from None
+        raise RuntimeError("--model " + offline_message(name, "--model DIR")) from None
 
 
 def load(args, name_or_path: str, **defaults):
     """``streampress.load_model`` (of a name :func:`resolve_model` gave) with the command's
     ``--device``, ``--dtype`` (and ``--num-layers`` / ``--vision-depth`` where it has them)."""
+    from transformers.utils import logging as hf_logging
+
     from streampress import load_model
 
+    hf_logging.disable_progress_bar()  # the command shows its own progress ("loading ...")
     cuts = {k: getattr(args, k, None) for k in ("num_layers", "vision_depth")}
     cuts = {k: v for k, v in cuts.items() if v is not None}
     return load_model(name_or_path, dtype=args.dtype, device=args.device, **{**defaults, **cuts})

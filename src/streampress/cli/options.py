@@ -28,6 +28,7 @@ import os
 import re
 from typing import Any, NamedTuple
 
+from .. import spec
 from .model import model_name
 
 PROG = "streampress"
@@ -40,7 +41,7 @@ CACHER_PARAMS = {
 }
 NO_PRUNING = "none"  # the --method word for no pruning; "dense" is read as the same word
 DTYPES = ("float32", "bfloat16", "float16")
-MEMORY_FORMS = "full, window:SECONDS or retrieval:window=SECONDS,top_k=K[,block_items=N]"
+MEMORY_FORMS = spec.MEMORY_FORMS
 
 
 class Parser(argparse.ArgumentParser):
@@ -182,55 +183,15 @@ def device(text: str) -> str:
 
 
 def memory(text: str) -> dict | None:
-    """``full`` -> None; ``window:SECONDS`` -> ``{"name": "window", "seconds": S}``;
-    ``retrieval:window=S,top_k=K[,block_items=N]`` -> ``{"name": "retrieval",
-    "window_seconds": S, "top_k": K, "block_items": N}`` (see :func:`memory_policy`)."""
-    kind, colon, rest = text.strip().partition(":")
-
-    def bad(why: str):
-        fail(f"{why} in {text!r}; expected {MEMORY_FORMS}")
-
-    if kind == "full" and not colon:
-        return None
-    if kind == "window":
-        seconds = _number(rest)
-        return {"name": "window", "seconds": seconds} if seconds and seconds > 0 else bad(
-            "the window must be seconds > 0")
-    if kind == "retrieval":
-        fields = dict(part.partition("=")[::2] for part in rest.split(",") if part)
-        unknown = sorted(set(fields) - {"window", "top_k", "block_items"})
-        if unknown or not {"window", "top_k"} <= set(fields):
-            bad(f"unknown key {unknown[0]!r}" if unknown else "window= and top_k= are required")
-        seconds, top_k = _number(fields["window"]), _number(fields["top_k"], int)
-        block_items = _number(fields.get("block_items", "1"), int)
-        if not (seconds and seconds > 0):
-            bad("window must be seconds > 0")
-        if top_k is None or top_k < 0:
-            bad("top_k must be an integer >= 0")
-        if block_items is None or block_items < 1:
-            bad("block_items must be an integer >= 1")
-        return {"name": "retrieval", "window_seconds": seconds, "top_k": top_k, "block_items": block_items}
-    bad("unknown memory policy")
+    """``--memory``: a spec dict (None for ``full``; see :mod:`streampress.spec`)."""
+    try:
+        return spec.parse_memory(text)
+    except ValueError as exc:
+        fail(str(exc))
 
 
-def memory_text(spec: dict | None) -> str:
-    """The ``--memory`` spelling of a spec (``full`` for None)."""
-    if spec is None:
-        return "full"
-    if spec["name"] == "window":
-        return f"window:{spec['seconds']:g}"
-    return (f"retrieval:window={spec['window_seconds']:g},top_k={spec['top_k']},"
-            f"block_items={spec['block_items']}")
-
-
-def memory_policy(spec: dict | None):
-    """The session's ``memory`` argument for a spec: ``"full"``, a SlidingWindow or a RetrievalMemory."""
-    if spec is None:
-        return "full"
-    from streampress import RetrievalMemory, SlidingWindow
-
-    params = {k: v for k, v in spec.items() if k != "name"}
-    return {"window": SlidingWindow, "retrieval": RetrievalMemory}[spec["name"]](**params)
+memory_text = spec.memory_text
+memory_policy = spec.memory_policy
 
 
 class Synthetic(NamedTuple):

@@ -22,9 +22,9 @@ from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
+from ..formatting import format_bytes, json_default
 from . import model as model_arg
 from . import options
-from .format import format_bytes, json_default
 from .progress import progress
 
 __all__ = ["Question", "parse_time", "parse_question", "read_questions", "stream_answers", "add_parser", "main"]
@@ -366,7 +366,8 @@ def _print_json(args, source, model, pruner, answers, watched, stats, started, e
     result = {"video": source.info._asdict(), "model": model.describe(),
               "method": {"name": args.method, "params": pruner.params if pruner else {}},
               "cacher": args.cacher, "memory": options.memory_text(args.memory), "fps": args.fps,
-              "answers": answers, "watch_events": watched, "stats": stats, "wall_seconds": time.perf_counter() - started}
+              "answers": answers, "watch_events": watched, "stats": stats,
+              "wall_seconds": time.perf_counter() - started}
     if error is not None:
         result["error"] = error
     print(json.dumps(result, indent=2, default=json_default))

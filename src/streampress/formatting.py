@@ -1,4 +1,5 @@
-"""Formatting helpers of the command line: byte counts for people, JSON for numpy/torch values."""
+"""Formatting helpers shared by the command line, the bench report and the server: byte counts
+for people, JSON for numpy/torch values."""
 
 from __future__ import annotations
 

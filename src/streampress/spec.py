@@ -1,0 +1,77 @@
+"""Text forms of the settings that the command line, the evaluation harness and the server share.
+
+A KV-memory setting is written ``full``, ``window:SECONDS`` or
+``retrieval:window=SECONDS,top_k=K[,block_items=N]`` and read into a small spec dict
+(None for ``full``) that is stored in run configurations and turned into a policy object
+only where a session is built. This module imports no torch, so parsing stays instant.
+"""
+
+from __future__ import annotations
+
+import math
+
+__all__ = ["MEMORY_FORMS", "parse_memory", "memory_text", "memory_policy"]
+
+MEMORY_FORMS = "full, window:SECONDS or retrieval:window=SECONDS,top_k=K[,block_items=N]"
+
+
+def _number(text: str, kind=float):
+    try:
+        value = kind(text)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def parse_memory(text: str) -> dict | None:
+    """``full`` -> None; ``window:SECONDS`` -> ``{"name": "window", "seconds": S}``;
+    ``retrieval:window=S,top_k=K[,block_items=N]`` -> ``{"name": "retrieval",
+    "window_seconds": S, "top_k": K, "block_items": N}``. ValueError (one line) otherwise."""
+    if not isinstance(text, str):
+        raise ValueError(f"expected {MEMORY_FORMS}, got {text!r}")
+    kind, colon, rest = text.strip().partition(":")
+
+    def bad(why: str):
+        raise ValueError(f"{why} in {text!r}; expected {MEMORY_FORMS}")
+
+    if kind == "full" and not colon:
+        return None
+    if kind == "window":
+        seconds = _number(rest)
+        return {"name": "window", "seconds": seconds} if seconds and seconds > 0 else bad(
+            "the window must be seconds > 0")
+    if kind == "retrieval":
+        fields = dict(part.partition("=")[::2] for part in rest.split(",") if part)
+        unknown = sorted(set(fields) - {"window", "top_k", "block_items"})
+        if unknown or not {"window", "top_k"} <= set(fields):
+            bad(f"unknown key {unknown[0]!r}" if unknown else "window= and top_k= are required")
+        seconds, top_k = _number(fields["window"]), _number(fields["top_k"], int)
+        block_items = _number(fields.get("block_items", "1"), int)
+        if not (seconds and seconds > 0):
+            bad("window must be seconds > 0")
+        if top_k is None or top_k < 0:
+            bad("top_k must be an integer >= 0")
+        if block_items is None or block_items < 1:
+            bad("block_items must be an integer >= 1")
+        return {"name": "retrieval", "window_seconds": seconds, "top_k": top_k, "block_items": block_items}
+    return bad("unknown memory policy")
+
+
+def memory_text(spec: dict | None) -> str:
+    """The text form of a spec (``full`` for None)."""
+    if not spec:
+        return "full"
+    if spec["name"] == "window":
+        return f"window:{spec['seconds']:g}"
+    return (f"retrieval:window={spec['window_seconds']:g},top_k={spec['top_k']},"
+            f"block_items={spec['block_items']}")
+
+
+def memory_policy(spec: dict | None):
+    """The session's ``memory`` argument for a spec: ``"full"``, a SlidingWindow or a RetrievalMemory."""
+    if not spec:
+        return "full"
+    from .memory import RetrievalMemory, SlidingWindow
+
+    params = {k: v for k, v in spec.items() if k != "name"}
+    return {"window": SlidingWindow, "retrieval": RetrievalMemory}[spec["name"]](**params)
