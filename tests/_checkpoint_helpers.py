@@ -35,6 +35,7 @@ Qwen3-VL-Instruct's system/user/generation parts as released (its assistant and 
 are reproduced from memory of the release; the tests render only system/user turns).
 """
 
+# ruff: noqa: E501 (the official template texts keep their long lines)
 from __future__ import annotations
 
 import json
@@ -224,8 +225,8 @@ def _tokenizer_config(tok, family: str, with_template: bool) -> dict:
              and tok.token_to_id(t) is not None]
     cfg = {"add_bos_token": False, "add_prefix_space": False, "added_tokens_decoder": added,
            "additional_special_tokens": extra, "bos_token": None, "clean_up_tokenization_spaces": False,
-           "eos_token": "<|im_end|>", "errors": "replace", "model_max_length": 32768 if family == "llava_onevision"
-           else 131072, "pad_token": "<|endoftext|>", "split_special_tokens": False, "tokenizer_class": "Qwen2Tokenizer",
+           "eos_token": "<|im_end|>", "errors": "replace",
+           "model_max_length": 32768 if family == "llava_onevision" else 131072, "pad_token": "<|endoftext|>", "split_special_tokens": False, "tokenizer_class": "Qwen2Tokenizer",
            "unk_token": None}
     if family == "llava_onevision":
         cfg["processor_class"] = "LlavaOnevisionProcessor"
@@ -277,7 +278,8 @@ def processor_configs(family: str, tiny: bool, image_size: int = 384) -> tuple[d
               "size": {"height": image_size, "width": image_size}, "processor_class": "LlavaOnevisionProcessor"}
     pinpoints = [[h, w] for h in range(image_size, 6 * image_size + 1, image_size)
                  for w in range(image_size, 6 * image_size + 1, image_size)]
-    image = dict(common, do_pad=True, image_grid_pinpoints=pinpoints, image_processor_type="LlavaOnevisionImageProcessor")
+    image = dict(common, do_pad=True, image_grid_pinpoints=pinpoints,
+                 image_processor_type="LlavaOnevisionImageProcessor")
     video = dict(common, video_processor_type="LlavaOnevisionVideoProcessor")
     return image, video
 

@@ -10,7 +10,7 @@ import torch
 from streampress.models import load_model
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny(arch: str, dtype: str = "float64"):
     """A tiny random model, cached per test process (models hold no stream state)."""
     return load_model(arch, dtype=dtype, device="cpu")

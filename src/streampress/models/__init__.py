@@ -34,7 +34,6 @@ glue is named by a string, the registry imports nothing of the cacher (no import
 from __future__ import annotations
 
 import importlib
-import json
 import os
 from dataclasses import dataclass
 
@@ -127,22 +126,19 @@ def vision_glue_for(module):
     return None
 
 
-def _read_model_type(name_or_path: str) -> str:
-    config_file = os.path.join(name_or_path, "config.json")
-    if os.path.isdir(name_or_path):
-        if not os.path.isfile(config_file):
-            raise ValueError(f"name_or_path {name_or_path!r} is a folder without config.json")
-        with open(config_file) as f:
-            model_type = json.load(f).get("model_type")
-    else:
-        from transformers import AutoConfig
+def _read_model_type(folder: str) -> str:
+    """``model_type`` of a checkpoint folder's config.json; one line when the folder lacks a
+    file (:func:`.checkpoint.check_folder`) or its architecture is not supported."""
+    from .checkpoint import CheckpointError, check_folder, read_config
 
-        try:
-            model_type = AutoConfig.from_pretrained(name_or_path).model_type
-        except Exception as exc:  # hub errors come in many classes; say what was asked
-            raise ValueError(f"cannot load a model config from {name_or_path!r}: {exc}") from exc
-    if not model_type:
-        raise ValueError(f"config of {name_or_path!r} has no model_type")
+    check_folder(folder, weights=False)  # weights are checked by the adapter (random_weights may skip them)
+    config = read_config(folder)
+    model_type = config.get("model_type")
+    known = sorted(t for f in _FAMILIES.values() for t in f.model_types)
+    if model_type not in known:
+        archs = ", ".join(config.get("architectures") or []) or "no architectures listed"
+        raise CheckpointError(f"checkpoint folder {folder}: model_type {model_type!r} ({archs}) is not supported; "
+                              f"supported model types: {', '.join(known)}")
     return model_type
 
 
@@ -152,18 +148,33 @@ def load_model(name_or_path: str, dtype=None, device=None, **kw):
     ``name_or_path``: ``random:<arch>`` (see :func:`list_random_architectures`), a hub id,
     or a local checkpoint folder. ``dtype``: a torch dtype or its name ("bfloat16", ...);
     default float32 on CPU, bfloat16 on CUDA. ``device``: "cpu", "cuda", ... (default: CUDA
-    when available). Extra keywords go to the family's adapter (e.g. ``num_layers``,
-    ``vision_depth`` for random architectures, ``hidden_size`` to narrow a random Qwen LLM,
-    ``min_pixels`` / ``max_pixels``).
+    when available). Extra keywords go to the family's adapter: ``num_layers`` /
+    ``vision_depth`` cut the LLM / vision tower (random architectures and checkpoints alike;
+    a cut checkpoint loads the weights of the layers kept), ``random_weights=True`` builds a
+    checkpoint's architecture with random weights (its folder then needs no weight files),
+    ``hidden_size`` narrows a random Qwen LLM, ``min_pixels`` / ``max_pixels`` override Qwen
+    preprocessing.
+
+    A hub id is tried only when the hub answers within seconds; otherwise its snapshot in the
+    local cache is used, or one line says to download it elsewhere and pass the folder.
     """
     if not isinstance(name_or_path, str) or not name_or_path:
         raise TypeError(f"name_or_path must be a non-empty string, got {name_or_path!r}")
     if name_or_path.startswith("random:"):
         arch = name_or_path[len("random:"):]
         return family_for(random_arch=arch).adapter_class().from_random(arch, dtype=dtype, device=device, **kw)
-    model_type = _read_model_type(name_or_path)
+    from .checkpoint import resolve
+
+    folder = resolve(name_or_path)
+    if not os.path.isdir(folder):  # a reachable hub: transformers downloads it
+        from transformers import AutoConfig
+
+        model_type = AutoConfig.from_pretrained(folder).model_type
+        family_for(model_type=model_type)
+    else:
+        model_type = _read_model_type(folder)
     return family_for(model_type=model_type).adapter_class().from_pretrained(
-        name_or_path, model_type=model_type, dtype=dtype, device=device, **kw)
+        folder, model_type=model_type, dtype=dtype, device=device, **kw)
 
 
 def __getattr__(name: str):

@@ -41,8 +41,9 @@ from __future__ import annotations
 import functools
 import inspect
 from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -103,7 +104,7 @@ class PositionState:
     start_time: float | None = None
     video_start: int | None = None
 
-    def advanced(self, **changes) -> "PositionState":
+    def advanced(self, **changes) -> PositionState:
         return replace(self, **changes)
 
 
@@ -130,7 +131,7 @@ class TokenLayout:
         return int(self.kinds.numel())
 
     @staticmethod
-    def text(ids: Sequence[int], positions: torch.Tensor, item: int = -1) -> "TokenLayout":
+    def text(ids: Sequence[int], positions: torch.Tensor, item: int = -1) -> TokenLayout:
         """A text-only layout of ``ids`` at ``positions [P, len(ids)]``."""
         n = len(ids)
         return TokenLayout(
@@ -141,13 +142,13 @@ class TokenLayout:
             item=torch.full((n,), item, dtype=torch.long),
         )
 
-    def select(self, mask: torch.Tensor) -> "TokenLayout":
+    def select(self, mask: torch.Tensor) -> TokenLayout:
         """The tokens where ``mask [L]`` (bool) is set, in sequence order."""
         return TokenLayout(self.kinds[mask], self.input_ids[mask], self.positions[:, mask],
                            self.visual_index[mask], self.item[mask])
 
     @staticmethod
-    def cat(parts: Sequence["TokenLayout"]) -> "TokenLayout":
+    def cat(parts: Sequence[TokenLayout]) -> TokenLayout:
         return TokenLayout(
             kinds=torch.cat([p.kinds for p in parts]),
             input_ids=torch.cat([p.input_ids for p in parts]),
@@ -166,6 +167,14 @@ def resolve_dtype_device(dtype, device) -> tuple[torch.dtype, torch.device]:
     """Defaults: CUDA when available; bfloat16 on CUDA, float32 elsewhere. ``dtype`` may be a
     floating torch dtype or its name ("bfloat16", "torch.float32")."""
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+        raise RuntimeError(f"device {str(device)!r} asked for, but CUDA is not available ({why}); use device 'cpu'")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise RuntimeError(f"device {str(device)!r} asked for, but only {torch.cuda.device_count()} CUDA device(s) "
+                           "are visible")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError(f"device {str(device)!r} asked for, but MPS is not available; use device 'cpu'")
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if isinstance(dtype, str):

@@ -19,17 +19,35 @@ for an unpruned stream reproduces Hugging Face's consecutive positions exactly.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from .base import (VISUAL, EncodedItems, ModelAdapter, PositionState, TokenLayout, VisualBatch, cacher_of,
-                   positive_int, resolve_dtype_device)
-from .llava_onevision_preprocess import (DEFAULT_PREFIX, DEFAULT_QUESTION, FramePreprocessor, as_frame_tensor,
-                                         pooled_side, read_chat_template, split_chat_template)
+from .base import (
+    VISUAL,
+    EncodedItems,
+    ModelAdapter,
+    PositionState,
+    TokenLayout,
+    VisualBatch,
+    cacher_of,
+    positive_int,
+    resolve_dtype_device,
+)
+from .llava_onevision_preprocess import (
+    DEFAULT_PREFIX,
+    DEFAULT_QUESTION,
+    FramePreprocessor,
+    as_frame_tensor,
+    pooled_side,
+    read_chat_template,
+    split_chat_template,
+)
 from .tokenizer import ByteTokenizer
+
 
 def _feature_layers(vision_feature_layer, num_layers: int) -> list[int]:
     """Hidden-state indices (0 = embeddings, i = output of block i) a config selects."""
@@ -121,7 +139,7 @@ class LlavaOneVisionAdapter(ModelAdapter):
     position_axes = 1
 
     def __init__(self, hf_model, tokenizer, preprocessor: FramePreprocessor, prefix: str = DEFAULT_PREFIX,
-                 question_template: str = DEFAULT_QUESTION, name: str = "llava-onevision"):
+                 question_template: str = DEFAULT_QUESTION, name: str = "llava-onevision", stop_token_ids=None):
         config = hf_model.config
         self.hf_model = hf_model.eval()
         self.tokenizer = tokenizer
@@ -139,13 +157,14 @@ class LlavaOneVisionAdapter(ModelAdapter):
         stops = {self._special_id(t) for t in ("<|im_end|>", "<|endoftext|>")}
         eos = config.text_config.eos_token_id
         stops.update(eos if isinstance(eos, (list, tuple)) else [eos])
-        self._stop_ids = frozenset(int(i) for i in stops if i is not None)
+        self._stop_ids = frozenset(stop_token_ids) if stop_token_ids else frozenset(
+            int(i) for i in stops if i is not None)
 
     # ---- construction ---------------------------------------------------------------
     @classmethod
     def from_random(cls, arch: str, dtype=None, device=None, num_layers: int | None = None,
                     vision_depth: int | None = None, vocab_size: int | None = None, seed: int = 0,
-                    max_context: int | None = None, attn_implementation: str = "sdpa") -> "LlavaOneVisionAdapter":
+                    max_context: int | None = None, attn_implementation: str = "sdpa") -> LlavaOneVisionAdapter:
         """A built-in random-weight architecture (:mod:`.random.llava_onevision`:
         ``llava-onevision-tiny`` / ``-7b``) with the byte-level tokenizer and the original
         LLaVA-OneVision chat template."""
@@ -164,24 +183,40 @@ class LlavaOneVisionAdapter(ModelAdapter):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, model_type: str = "llava_onevision", dtype=None, device=None,
-                        attn_implementation: str = "sdpa", **kw) -> "LlavaOneVisionAdapter":
-        """A checkpoint (hub id or folder) with its own tokenizer, chat template and video
-        processor settings. Extra keywords go to the model's ``from_pretrained``."""
-        from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
+                        attn_implementation: str = "sdpa", num_layers: int | None = None,
+                        vision_depth: int | None = None, random_weights: bool = False, seed: int = 0,
+                        **kw) -> LlavaOneVisionAdapter:
+        """A checkpoint (hub id or folder) with its own tokenizer, chat template, stop ids
+        (``generation_config.json``) and video processor settings. ``num_layers`` /
+        ``vision_depth`` cut the model (the kept layers' weights are loaded);
+        ``random_weights`` builds the folder's architecture with random weights instead.
+        Extra keywords go to the model's ``from_pretrained``."""
+        import os
+
+        from transformers import AutoConfig, AutoTokenizer, LlavaOnevisionForConditionalGeneration
+
+        from .checkpoint import check_folder, load_weights, require_token, stop_ids
+        from .random import llava_onevision as spec
 
         if model_type != "llava_onevision":
             raise ValueError(f"model_type must be 'llava_onevision', got {model_type!r}")
         dtype, device = resolve_dtype_device(dtype, device)
-        model = LlavaOnevisionForConditionalGeneration.from_pretrained(
-            name_or_path, dtype=dtype, attn_implementation=attn_implementation, **kw).to(device)
+        if os.path.isdir(name_or_path):
+            check_folder(name_or_path, weights=not random_weights)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        require_token(tokenizer, "<video>", AutoConfig.from_pretrained(name_or_path).video_token_id, name_or_path,
+                      "config.json video_token_id")
+        model = load_weights(name_or_path, LlavaOnevisionForConditionalGeneration, spec.build_model, dtype, device,
+                             attn_implementation, num_layers, vision_depth, random_weights, seed, **kw)
         size = model.config.vision_config.image_size
         preprocessor = FramePreprocessor.from_pretrained(name_or_path, image_size=size)
         prefix, question = DEFAULT_PREFIX, DEFAULT_QUESTION
         template = read_chat_template(name_or_path, tokenizer)
         if template:
             prefix, question = split_chat_template(template)
-        return cls(model, tokenizer, preprocessor, prefix, question, name=name_or_path)
+        fallback = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+        return cls(model, tokenizer, preprocessor, prefix, question, name=name_or_path,
+                   stop_token_ids=stop_ids(model, fallback))
 
     def _special_id(self, token: str) -> int | None:
         if isinstance(self.tokenizer, ByteTokenizer):

@@ -72,7 +72,7 @@ class FramePreprocessor:
             raise ValueError(f"mean and std must have 3 entries (std > 0), got {self.mean!r}, {self.std!r}")
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, image_size: int, **hub_kwargs) -> "FramePreprocessor":
+    def from_pretrained(cls, name_or_path: str, image_size: int, **hub_kwargs) -> FramePreprocessor:
         """Reads the checkpoint's video (or image) processor settings; SigLIP defaults if absent.
 
         ``image_size`` (the vision tower's input side) is the fallback size. Only the JSON
@@ -145,7 +145,9 @@ def as_frame_tensor(frames, name: str = "frames") -> torch.Tensor:
     if isinstance(frames, np.ndarray):
         frames = torch.from_numpy(np.ascontiguousarray(frames))
     if not isinstance(frames, torch.Tensor):
-        raise TypeError(f"{name} must be a uint8 numpy array, torch tensor or a list of them, got {type(frames).__name__}")
+        raise TypeError(
+            f"{name} must be a uint8 numpy array, torch tensor or a list of them, got {type(frames).__name__}"
+        )
     if frames.ndim == 3:
         frames = frames[None]
     if frames.ndim != 4 or frames.shape[-1] != 3:

@@ -15,7 +15,10 @@ Stream layout (positions are M-RoPE ``(t, h, w)``, computed here for every token
   + tokens + ``<|vision_end|>``, where t is the mean of the item's first and last frame
   times (seconds since the stream's first frame); the item's tokens sit at
   ``(s, s + r, s + c)`` with s the position after its timestamp text, and the following
-  text resumes at ``s + max(H', W')`` (= max + 1).
+  text resumes at ``s + max(H', W')`` (= max + 1). With a checkpoint's chat template the
+  items sit inside the template's own ``<|vision_start|>`` ... ``<|vision_end|>`` (the
+  stream prefix ends with it, the question turn starts with its end), as transformers 5.x's
+  processor lays a video out (see :func:`prompt_pieces`).
 
 Text after the video always resumes at ``max(all positions) + 1`` on every axis.
 """
@@ -24,12 +27,22 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
-from .base import (VISUAL, EncodedItems, ModelAdapter, PositionState, TokenLayout, VisualBatch, cacher_of,
-                   resolve_dtype_device, text_positions)
+from .base import (
+    VISUAL,
+    EncodedItems,
+    ModelAdapter,
+    PositionState,
+    TokenLayout,
+    VisualBatch,
+    cacher_of,
+    resolve_dtype_device,
+    text_positions,
+)
 from .qwen_preprocess import QwenVisionParams, preprocess_frames
 
 _SENTINEL = "\x00QUESTION\x00"
@@ -45,10 +58,14 @@ def prompt_pieces(tokenizer: Any, model_type: str, chat_template: str | None = N
     """(stream prefix, question template) from the checkpoint's chat template, else built-in.
 
     The template is rendered for one user turn holding a video and a sentinel question;
-    the text before the video's placeholder (Qwen2/2.5: ``<|video_pad|>``, so the prefix
-    ends with ``<|vision_start|>``; Qwen3: the whole ``<|vision_start|><|video_pad|>
-    <|vision_end|>``, replaced per item by its processor) opens the stream, the rest is
-    the question turn.
+    the text before the video's placeholder opens the stream, the rest is the question turn.
+    Qwen2/2.5-VL: the placeholder is ``<|video_pad|>`` (the prefix ends with the template's
+    ``<|vision_start|>``, the question turn starts with ``<|vision_end|>``). Qwen3-VL: the
+    whole ``<|vision_start|><|video_pad|><|vision_end|>``, which its processor as released
+    (transformers 4.57, the format the model was trained with) replaces by per-item
+    ``<t seconds><|vision_start|>...<|vision_end|>`` runs. The transformers 5.x processor
+    replaces only ``<|video_pad|>`` and so nests those runs inside the template's wrapper;
+    streampress keeps the released, trained layout.
     """
     qwen3 = model_type == "qwen3_vl"
     template = chat_template or getattr(tokenizer, "chat_template", None)
@@ -81,7 +98,7 @@ class QwenAdapter(ModelAdapter):
     position_axes = 3
 
     def __init__(self, hf_model, tokenizer, params: QwenVisionParams, name: str = "",
-                 chat_template: str | None = None):
+                 chat_template: str | None = None, stop_token_ids=None):
         config = hf_model.config
         self.hf_model = hf_model
         self.family = config.model_type
@@ -97,8 +114,8 @@ class QwenAdapter(ModelAdapter):
         self._prefix_ids = self.tokenize(prefix)
         self._ids = {t: tokenizer.convert_tokens_to_ids(t) for t in
                      ("<|vision_start|>", "<|vision_end|>", "<|im_end|>", "<|endoftext|>")}
-        self._stop = frozenset(i for t, i in self._ids.items() if t in ("<|im_end|>", "<|endoftext|>")
-                               and isinstance(i, int) and i >= 0)
+        self._stop = frozenset(stop_token_ids) if stop_token_ids else frozenset(
+            i for t, i in self._ids.items() if t in ("<|im_end|>", "<|endoftext|>") and isinstance(i, int) and i >= 0)
 
     # ---- loading ----------------------------------------------------------------------
     @classmethod
@@ -128,19 +145,35 @@ class QwenAdapter(ModelAdapter):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, model_type: str, dtype=None, device=None,
-                        attn_implementation: str = "sdpa", **params):
-        """A checkpoint (hub id or folder) with its own tokenizer, chat template and
-        preprocessing parameters; ``params`` override preprocessing fields."""
-        from transformers import AutoModelForImageTextToText, AutoTokenizer
+                        attn_implementation: str = "sdpa", num_layers: int | None = None,
+                        vision_depth: int | None = None, random_weights: bool = False, seed: int = 0, **params):
+        """A checkpoint (hub id or folder) with its own tokenizer, chat template, stop ids
+        (``generation_config.json``) and preprocessing parameters (its video, else image,
+        preprocessor config); ``params`` override preprocessing fields. ``num_layers`` /
+        ``vision_depth`` cut the model (the kept layers' weights are loaded);
+        ``random_weights`` builds the folder's architecture with random weights instead."""
+        from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer
+
+        from .checkpoint import check_folder, load_weights, require_token, stop_ids
+        from .random import qwen as spec
 
         dtype, device = resolve_dtype_device(dtype, device)
-        model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype,
-                                                            attn_implementation=attn_implementation)
-        model.to(device).eval()
+        local = os.path.isdir(name_or_path)
+        if local:
+            check_folder(name_or_path, weights=not random_weights)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        template = _load_chat_template(name_or_path) if os.path.isdir(name_or_path) else None
-        vision = _override(QwenVisionParams.from_checkpoint(name_or_path, model_type), model.config, params)
-        return cls(model, tokenizer, vision, name=name_or_path, chat_template=template)
+        config = AutoConfig.from_pretrained(name_or_path)
+        for token, key in (("<|video_pad|>", "video_token_id"), ("<|vision_start|>", "vision_start_token_id"),
+                           ("<|vision_end|>", "vision_end_token_id")):
+            require_token(tokenizer, token, getattr(config, key, None), name_or_path, f"config.json {key}")
+        model = load_weights(name_or_path, AutoModelForImageTextToText, spec.build_model, dtype, device,
+                             attn_implementation, num_layers, vision_depth, random_weights, seed)
+        config = model.config
+        template = _load_chat_template(name_or_path) if local else None
+        vision = _override(QwenVisionParams.from_checkpoint(name_or_path, model_type), config, params)
+        fallback = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+        return cls(model, tokenizer, vision, name=name_or_path, chat_template=template,
+                   stop_token_ids=stop_ids(model, fallback))
 
     # ---- frames -> grids --------------------------------------------------------------
     def preprocess(self, frames: torch.Tensor) -> VisualBatch:

@@ -47,14 +47,14 @@ class QwenVisionParams:
         return self.patch_size * self.merge_size
 
     @staticmethod
-    def defaults(model_type: str) -> "QwenVisionParams":
+    def defaults(model_type: str) -> QwenVisionParams:
         if model_type == "qwen3_vl":
             return QwenVisionParams(patch_size=16, min_pixels=128 * 32 * 32, max_pixels=768 * 32 * 32,
                                     mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), pixels_per_item=True)
         return QwenVisionParams()
 
     @staticmethod
-    def from_dict(cfg: dict, model_type: str) -> "QwenVisionParams":
+    def from_dict(cfg: dict, model_type: str) -> QwenVisionParams:
         """Read a (video_)preprocessor_config.json dict; missing fields keep the family's defaults."""
         base = QwenVisionParams.defaults(model_type)
         size = cfg.get("size") or {}
@@ -71,7 +71,7 @@ class QwenVisionParams:
             pixels_per_item=base.pixels_per_item)
 
     @staticmethod
-    def from_checkpoint(name_or_path: str, model_type: str) -> "QwenVisionParams":
+    def from_checkpoint(name_or_path: str, model_type: str) -> QwenVisionParams:
         """The checkpoint's video preprocessor config (else its image one), else defaults."""
         for fname in ("video_preprocessor_config.json", "preprocessor_config.json"):
             path = os.path.join(name_or_path, fname)
