@@ -776,3 +776,48 @@ def test_scheduler_questions_first_round_robin_and_only_earlier_frames(model):
     backlog = [e[1] for e in log if e[0] == "ingest"][2:]
     assert backlog[:4] in ([a.id, b.id, c.id, a.id], [b.id, c.id, a.id, b.id], [c.id, a.id, b.id, c.id])
     assert all(len(s.queue) == 0 for s in (a, b, c))
+
+
+def cut_frames(lengths, size: int = 96) -> np.ndarray:
+    """Segments alternately of one solid colour and one fixed texture (scene cuts between them)."""
+    rng = np.random.default_rng(9)
+    looks = [np.full((size, size, 3), rng.integers(0, 256, 3), np.uint8) if k % 2 == 0
+             else rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for k in range(len(lengths))]
+    return np.stack([look for look, n in zip(looks, lengths) for _ in range(n)])
+
+
+def test_watch_over_the_socket_equals_in_process_watch(server, model):
+    from streampress.session import StreamingSession
+
+    frames = cut_frames((6, 6, 6, 6))
+    session = StreamingSession(model)
+    session.watch("What changed?", max_new_tokens=4)
+    for i in range(0, len(frames), 2):  # the server ingests one item (2 frames) per unit
+        session.add_frames(frames[i:i + 2], [float(i), float(i + 1)])
+    expected = [(e.trigger_time, e.text) for e in session.poll_events()]
+    assert expected  # the cuts fire
+
+    async def go():
+        client = await Client.connect(server.ws_url)
+        created = await client.call({"type": "streampress.watch.create",
+                                     "watch": {"question": "What changed?", "max_new_tokens": 4}})
+        assert created["type"] == "streampress.watch.created" and created["watch"]["id"].startswith("watch_")
+        bad = await client.call({"type": "streampress.watch.create", "watch": {"question": " "}})
+        assert bad["type"] == "error" and bad["error"]["param"] == "watch.question"
+        events = []
+        for i, image in enumerate(frames):
+            await client.send(image_item(image, float(i)))
+        await client.send(text_item("Anything else?"))
+        await client.send({"type": "response.create"})
+        events = await client.until("response.done")  # the question waits for every earlier frame
+        missing = await client.call({"type": "streampress.watch.delete", "watch_id": "watch_nope"})
+        assert missing["type"] == "error" and missing["error"]["code"] == "watch_not_found"
+        gone = await client.call({"type": "streampress.watch.delete", "watch_id": created["watch"]["id"]})
+        assert gone == {**gone, "type": "streampress.watch.deleted", "watch_id": created["watch"]["id"]}
+        await client.close()
+        return events
+
+    events = run(go())
+    answers = [e for e in events if e["type"] == "streampress.watch.answer"]
+    assert [(e["trigger_time"], e["text"]) for e in answers] == expected
+    assert all(e["watch"] == "What changed?" and e["time"] >= e["trigger_time"] for e in answers)

@@ -30,6 +30,13 @@ Client events supported:
   streampress adds ``response.streampress.options`` (multiple choice: the answer's
   ``choice``). ``response.input`` is not supported.
 - ``response.cancel`` (optionally with ``response_id``).
+- streampress adds ``streampress.watch.create`` {``watch``: {``question``, ``yes_no``,
+  ``options``, ``min_interval``, ``max_new_tokens``}} -> ``streampress.watch.created``
+  {``watch`` with its ``id``}, and ``streampress.watch.delete`` {``watch_id``} ->
+  ``streampress.watch.deleted``: a standing question answered proactively when the scene
+  changes (:mod:`streampress.watch`); each new answer arrives as
+  ``streampress.watch.answer`` {``watch_id``, ``watch``, ``time``, ``trigger_time``,
+  ``text``}, with stream times in seconds.
 
 Server events: ``session.created`` (on connect), ``session.updated``,
 ``conversation.item.created``, ``response.created``, ``response.output_item.added``,

@@ -50,6 +50,7 @@ class Limits:
     max_question_chars: int = 4000
     max_new_tokens: int = 512
     queue_frames: int = 32
+    max_watches: int = 8
     idle_timeout: float = 300.0
 
     def public(self) -> dict:

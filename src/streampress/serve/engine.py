@@ -49,10 +49,11 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from .config import Limits, ServeError, StreamSettings
+from .config import Limits, ServeError, StreamSettings, check_max_new_tokens
 
 __all__ = ["Engine", "Stream", "Job", "ANSWER_BURST", "new_id"]
 
@@ -122,6 +123,8 @@ class Stream:
     last_error: dict | None = None
     source: dict | None = None
     stop: threading.Event = field(default_factory=threading.Event)
+    watches: dict = field(default_factory=dict)  # watch id -> its spec (question, yes_no, options, min_interval)
+    registered: dict = field(default_factory=dict)  # watch id -> the session's Watch (worker only)
 
     def touch(self) -> None:
         self.last_active = time.monotonic()
@@ -394,7 +397,6 @@ class Engine:
         if options is not None and (not isinstance(options, list) or not 2 <= len(options) <= 26
                                     or not all(isinstance(o, str) and o.strip() for o in options)):
             raise ServeError("options: expected a list of 2 to 26 non-empty strings", param="options")
-        from .config import check_max_new_tokens
 
         n = s.settings.max_new_tokens if max_new_tokens is None else check_max_new_tokens(max_new_tokens, self.limits)
         with self._cond:
@@ -600,6 +602,7 @@ class Engine:
 
         def ingest():
             session = s.session
+            self._sync_watches(s)
             before = (session.stats() if session is not None else {})
             try:
                 session.add_frames(np.stack([f[1] for f in frames]), [f[2] for f in frames])
@@ -638,6 +641,7 @@ class Engine:
             s.session = session
             s.session_frames = 0
             s.session_stats = session.stats()
+            s.registered = {}  # the new session gets the stream's watches at its next frames
 
     def _step(self, s: Stream, job: Job) -> None:
         if job.cancelled:
@@ -734,6 +738,79 @@ class Engine:
             self._cond.notify_all()
         if s.listener is not None:
             _call(s.listener, "closed", {"reason": s.closed})
+
+    # ---- proactive answers -------------------------------------------------------------
+    def add_watch(self, s: Stream, spec: Any) -> dict:
+        """Register a standing question on ``s`` (see :mod:`streampress.watch`); its answers
+        reach the stream's listener as ``watch`` events. Returns the watch with its id."""
+        if not isinstance(spec, dict):
+            raise ServeError("watch: expected an object with a question", param="watch")
+        unknown = sorted(set(spec) - {"question", "yes_no", "options", "min_interval", "max_new_tokens"})
+        if unknown:
+            raise ServeError(f"watch.{unknown[0]}: unknown field (question, yes_no, options, min_interval, "
+                             "max_new_tokens)", param=f"watch.{unknown[0]}")
+        question = spec.get("question")
+        if not isinstance(question, str) or not question.strip():
+            raise ServeError("watch.question: expected a non-empty string", param="watch.question")
+        if len(question) > self.limits.max_question_chars:
+            raise ServeError(f"watch.question: over the limit of {self.limits.max_question_chars} characters",
+                             param="watch.question", code="question_too_long")
+        if not isinstance(spec.get("yes_no", False), bool):
+            raise ServeError("watch.yes_no: expected true or false", param="watch.yes_no")
+        options = spec.get("options")
+        if options is not None and (not isinstance(options, list) or not 2 <= len(options) <= 26
+                                    or not all(isinstance(o, str) and o.strip() for o in options)):
+            raise ServeError("watch.options: expected 2 to 26 non-empty strings", param="watch.options")
+        if options is not None and spec.get("yes_no"):
+            raise ServeError("watch: options and yes_no exclude each other", param="watch.options")
+        interval = spec.get("min_interval", 0.0)
+        if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not (
+                0 <= interval < math.inf):
+            raise ServeError("watch.min_interval: expected seconds >= 0", param="watch.min_interval")
+        tokens = check_max_new_tokens(spec.get("max_new_tokens", s.settings.max_new_tokens), self.limits,
+                                      "watch.max_new_tokens")
+        watch = {"id": new_id("watch"), "question": question, "yes_no": bool(spec.get("yes_no", False)),
+                 "options": options, "min_interval": float(interval), "max_new_tokens": tokens}
+        with self._cond:
+            self._check_open(s)
+            if len(s.watches) >= self.limits.max_watches:
+                raise ServeError(f"a stream has at most {self.limits.max_watches} watches", code="too_many_watches",
+                                 param="watch")
+            s.watches[watch["id"]] = watch
+        return watch
+
+    def remove_watch(self, s: Stream, watch_id: Any) -> None:
+        with self._cond:
+            if watch_id not in s.watches:
+                raise ServeError(f"no watch {watch_id!r} on this stream", code="watch_not_found", status=404,
+                                 param="watch_id")
+            del s.watches[watch_id]
+
+    def _sync_watches(self, s: Stream) -> None:
+        """(Worker) the session's watches follow the stream's: new ones registered, removed ones cancelled."""
+        session = s.session
+        if session is None:
+            return
+        with self._cond:
+            wanted = dict(s.watches)
+        for wid in [w for w in s.registered if w not in wanted]:
+            s.registered.pop(wid).cancel()
+        for wid, spec in wanted.items():
+            if wid not in s.registered:
+                s.registered[wid] = session.watch(
+                    spec["question"], options=spec["options"], yes_no=spec["yes_no"],
+                    min_interval=spec["min_interval"], max_new_tokens=spec["max_new_tokens"],
+                    on_answer=lambda event, wid=wid: self._on_watch(s, wid, event))
+
+    def _on_watch(self, s: Stream, wid: str, event) -> None:
+        data = {"watch_id": wid, **event.as_dict()}
+        with self._cond:
+            self.metrics.counters["watch_answers"] = self.metrics.counters.get("watch_answers", 0) + 1
+            spec = s.watches.get(wid)
+            if spec is not None:
+                spec["last"] = data
+        if s.listener is not None:
+            _call(s.listener, "watch", data)
 
     def _note_error(self, s: Stream | None, code: str, message: str) -> None:
         error = {"type": "server_error", "code": code, "message": message}

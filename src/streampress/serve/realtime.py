@@ -18,7 +18,8 @@ from .images import decode_data_url
 
 __all__ = ["RealtimeConnection", "ResponseEvents", "error_event", "session_object"]
 
-CLIENT_EVENTS = ("session.update", "conversation.item.create", "response.create", "response.cancel")
+CLIENT_EVENTS = ("session.update", "conversation.item.create", "response.create", "response.cancel",
+                 "streampress.watch.create", "streampress.watch.delete")
 UNSUPPORTED_EVENTS = ("input_audio_buffer.append", "input_audio_buffer.commit", "input_audio_buffer.clear",
                       "output_audio_buffer.clear", "conversation.item.retrieve", "conversation.item.truncate",
                       "conversation.item.delete")
@@ -189,7 +190,9 @@ class RealtimeConnection:
                     sender.cancel()
 
     def _on_stream_event(self, kind: str, data: dict) -> None:
-        if kind == "error":
+        if kind == "watch":  # a proactive answer (streampress addition)
+            self.post({"type": "streampress.watch.answer", **data})
+        elif kind == "error":
             self.post(error_event(data))
         elif kind == "closed":
             reason = data.get("reason")
@@ -229,11 +232,25 @@ class RealtimeConnection:
                 raise ServeError(f"unknown event type {kind!r}; supported: {', '.join(CLIENT_EVENTS)}",
                                  code="unknown_event", param="type")
             handler = {"session.update": self.session_update, "conversation.item.create": self.item_create,
-                       "response.create": self.response_create, "response.cancel": self.response_cancel}[kind]
+                       "response.create": self.response_create, "response.cancel": self.response_cancel,
+                       "streampress.watch.create": self.watch_create,
+                       "streampress.watch.delete": self.watch_delete}[kind]
             await handler(event)
         except ServeError as exc:
             self.engine.count_error(exc.code)
             self.post(error_event(exc, event_id))
+
+    async def watch_create(self, event: dict) -> None:
+        """``streampress.watch.create`` {watch: {question, yes_no?, options?, min_interval?,
+        max_new_tokens?}} -> ``streampress.watch.created`` {watch}; its proactive answers come
+        as ``streampress.watch.answer`` {watch_id, watch, time, trigger_time, text}."""
+        watch = self.engine.add_watch(self.stream, event.get("watch"))
+        self.post({"type": "streampress.watch.created", "watch": watch})
+
+    async def watch_delete(self, event: dict) -> None:
+        """``streampress.watch.delete`` {watch_id} -> ``streampress.watch.deleted`` {watch_id}."""
+        self.engine.remove_watch(self.stream, event.get("watch_id"))
+        self.post({"type": "streampress.watch.deleted", "watch_id": event.get("watch_id")})
 
     async def session_update(self, event: dict) -> None:
         session = event.get("session")
