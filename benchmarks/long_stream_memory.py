@@ -6,7 +6,10 @@ video-seconds, for each memory policy:
 
 - device bytes: on CUDA ``torch.cuda.memory_allocated()`` minus what the model held before
   the stream; on CPU the bytes of the live KV cache (what would sit on an accelerator);
-- CPU bytes held by the retrieval memory's offloaded blocks and summary keys.
+- CPU bytes held by the retrieval memory's offloaded blocks and summary keys;
+- on CUDA also the peak: ``torch.cuda.max_memory_allocated()`` minus the same baseline,
+  since the policy's stream began (``peak_device_bytes`` per row, ``peak_device_mib`` in the
+  summary and a column of the policy table), and the model's own bytes (``model_device_mib``).
 
 Default model: the Qwen2.5-VL-7B architecture with its KV geometry per layer (4 KV heads x
 head dim 128, so KV bytes per token and layer are the 7B's) in 2 LLM layers, its vision
@@ -122,6 +125,7 @@ class PolicyRun:
         cuda = model.device.type == "cuda"
         if cuda:
             torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(model.device)
         self.baseline = torch.cuda.memory_allocated(model.device) if cuda else 0
         self.session = StreamingSession(model, memory=memory)
         self.rows, self.seconds = [], 0.0
@@ -144,6 +148,8 @@ class PolicyRun:
                           "kv_cache_bytes": s["kv_cache_bytes"], "kv_cache_tokens": s["kv_cache_tokens"],
                           "cpu_offloaded_bytes": s.get("offloaded_bytes", 0) + s.get("summary_bytes", 0),
                           "wall_seconds": self.seconds})
+        if self.model.device.type == "cuda":
+            self.rows[-1]["peak_device_bytes"] = torch.cuda.max_memory_allocated(self.model.device) - self.baseline
         return self.rows[-1]
 
     def finish(self, question: str, max_new_tokens: int) -> dict:
@@ -207,7 +213,12 @@ def summarize(name: str, result: dict, window: float) -> dict:
     fit = filled if filled.sum() >= 2 else np.ones_like(filled)
     slope = float(np.polyfit(t[fit] / 60, dev[fit], 1)[0]) if fit.sum() >= 2 else 0.0
     after = dev[filled] if filled.any() else dev[-1:]
-    return {"policy": name, "final_device_mib": dev[-1] / MIB,
+    peak = {}
+    if "peak_device_bytes" in rows[-1]:
+        peak["peak_device_mib"] = max(r["peak_device_bytes"] for r in rows) / MIB
+        if "answer_peak_device_bytes" in result:
+            peak["answer_peak_device_mib"] = result["answer_peak_device_bytes"] / MIB
+    return {"policy": name, **peak, "final_device_mib": dev[-1] / MIB,
             "device_growth_mib_per_min": round(slope / MIB, 4) + 0.0,  # + 0.0: no "-0.00"
             "flat_after_window": bool(after.max() - after.min() <= 0.01 * max(after.max(), 1)),
             "final_cpu_mib": rows[-1]["cpu_offloaded_bytes"] / MIB,
@@ -228,12 +239,16 @@ def markdown(results: dict, summary: list, config: dict, max_rows: int) -> str:
         if "retrieval" in results:
             cells.append(f"{results['retrieval']['rows'][i]['cpu_offloaded_bytes'] / MIB:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
+    peak = all("peak_device_mib" in s for s in summary)
     lines += ["", "| policy | final device MiB | device growth after window MiB/min | flat after window | "
-                  "CPU MiB | add_frames s | answer s |", "|---|---:|---:|:---:|---:|---:|---:|"]
+                  "CPU MiB | add_frames s | answer s |" + (" peak device MiB (stream / answer) |" if peak else ""),
+              "|---|---:|---:|:---:|---:|---:|---:|" + ("---:|" if peak else "")]
     for s in summary:
         lines.append(f"| {s['policy']} | {s['final_device_mib']:.1f} | {s['device_growth_mib_per_min']:.2f} | "
                      f"{'yes' if s['flat_after_window'] else 'no'} | {s['final_cpu_mib']:.1f} | "
-                     f"{s['stream_seconds']:.0f} | {s['answer_seconds']:.2f} |")
+                     f"{s['stream_seconds']:.0f} | {s['answer_seconds']:.2f} |"
+                     + (f" {s['peak_device_mib']:.1f} / {s.get('answer_peak_device_mib', float('nan')):.1f} |"
+                        if peak else ""))
     cfg = ", ".join(f"{k}={v}" for k, v in config.items())
     return "\n".join(lines) + f"\n\nConfiguration: {cfg}\n"
 
@@ -290,6 +305,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     model = build_model(args)
+    model_bytes = torch.cuda.memory_allocated(model.device) if model.device.type == "cuda" else None
     clip = loop_frames(args)
     text = model.hf_model.config.text_config
     config = {"model": getattr(model, "name", args.model), "llm_layers": text.num_hidden_layers,
@@ -299,6 +315,8 @@ def main(argv=None) -> int:
               "frame": f"{args.size}x{args.size}", "fps": args.fps, "minutes": args.minutes,
               "window_s": args.window, "top_k": args.top_k, "video": args.video or f"synthetic loop of {args.loop}",
               "host": platform.processor() or platform.machine(), "threads": args.threads}
+    if model_bytes is not None:
+        config.update(gpu=torch.cuda.get_device_name(model.device), model_device_mib=round(model_bytes / MIB, 1))
     results, encoder_seconds = run_all(model, policies(args), clip, args)
     if encoder_seconds is not None:
         config["shared_encoder_seconds"] = round(encoder_seconds, 1)

@@ -6,12 +6,18 @@ LLM and vision layers, on CUDA the whole model by default), fed a real clip at 1
 in one process, item by item in turn, on the same encoder output (the vision tower runs
 once per item and is not part of the measurement). Reported: median prefill seconds per
 temporal patch for each, the kept-token fraction, their ratio, and the acceptance
-criterion ``ratio <= kept fraction + 0.2``, for the paper operating point (tau_t = tau_s
+criterion ``ratio <= kept fraction + 0.2`` (``--margin``), for the paper operating point (tau_t = tau_s
 = 0.2) and for a matched budget (``keep_ratio``, default 0.1: random weights make
 consecutive grids nearly identical, so the threshold rule drops almost every later grid).
 
     python benchmarks/prefill_pruning.py                      # defaults for this machine
     python benchmarks/prefill_pruning.py --seconds 12 --json  # short check
+    python benchmarks/prefill_pruning.py --keep-ratio 0.1 0.25 --margin 0.1 --ask 3 --json-file out.json  # GPU run
+
+``--keep-ratio`` takes several budgets (one session each); ``--margin`` sets the criterion
+``ratio <= kept fraction + margin`` (default 0.2); ``--ask N`` then asks every session the
+question N times, interleaved (one answer token each), and reports the median time to the
+first answer token.
 """
 
 from __future__ import annotations
@@ -93,17 +99,18 @@ def run(args) -> dict:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     t0 = time.perf_counter()
+    extra = {k: v for k, v in (("hidden_size", args.hidden), ("min_pixels", args.min_pixels)) if v}
     adapter = load_model("random:qwen2.5-vl-7b", dtype=dtype, device=device, num_layers=args.num_layers,
-                         vision_depth=args.vision_depth, vocab_size=args.vocab_size)
+                         vision_depth=args.vision_depth, vocab_size=args.vocab_size, **extra)
     build_s = time.perf_counter() - t0
     frames, times = decode(args.video, args.fps, args.size, args.seconds)
     shared = SharedEncoder(adapter)
     sessions = {"dense": StreamingSession(shared)}
     sessions[f"streaming_assistant(tau_t={args.tau_t}, tau_s={args.tau_s})"] = StreamingSession(
         shared, pruner=create_pruner("streaming_assistant", tau_t=args.tau_t, tau_s=args.tau_s))
-    if args.keep_ratio:
-        sessions[f"streaming_assistant(keep_ratio={args.keep_ratio})"] = StreamingSession(
-            shared, pruner=create_pruner("streaming_assistant", keep_ratio=args.keep_ratio))
+    for ratio in [r for r in args.keep_ratio if r]:
+        sessions[f"streaming_assistant(keep_ratio={ratio})"] = StreamingSession(
+            shared, pruner=create_pruner("streaming_assistant", keep_ratio=ratio))
     per_item = {name: [] for name in sessions}
     kept_item = {name: [] for name in sessions}
     for i in range(0, len(frames), 2):
@@ -114,6 +121,10 @@ def run(args) -> dict:
             per_item[name].append(after["prefill_seconds"] - before["prefill_seconds"])
             kept_item[name].append(after["visual_tokens_kept"] - before["visual_tokens_kept"])
         shared.take()
+    ttft = {name: [] for name in sessions}
+    for _ in range(args.ask):  # interleaved, so a busy machine slows every session alike
+        for name, session in sessions.items():
+            ttft[name].append(session.ask(args.question, max_new_tokens=1).time_to_first_token)
     skip = min(args.warmup, len(per_item["dense"]) - 1)
     dense_ms = 1e3 * statistics.median(per_item["dense"][skip:])
     rows = []
@@ -124,9 +135,12 @@ def run(args) -> dict:
         timed = kept_item[name][skip:]
         rows.append({"session": name, "kept_fraction": kept, "prefill_ms_median": ms, "ratio": ratio,
                      "kept_fraction_timed": sum(timed) / (len(timed) * kept_item["dense"][0]),
-                     "passes": None if name == "dense" else ratio <= kept + 0.2,
+                     "passes": None if name == "dense" else ratio <= kept + args.margin,
                      "kv_cache_tokens": st["kv_cache_tokens"],
                      "prefill_ms_per_item": [round(1e3 * v, 3) for v in per_item[name]]})
+        if args.ask:
+            rows[-1]["ttft_ms_median"] = 1e3 * statistics.median(ttft[name])
+            rows[-1]["ttft_ms"] = [round(1e3 * v, 3) for v in ttft[name]]
     cfg = adapter.hf_model.config
     return {
         "model": "random:qwen2.5-vl-7b",
@@ -137,7 +151,7 @@ def run(args) -> dict:
         "threads": args.threads, "video": os.path.basename(args.video), "fps": args.fps,
         "frame_size": f"{args.size}x{args.size}", "temporal_patches": len(per_item["dense"]),
         "warmup_skipped": skip, "grid": sessions["dense"].stats()["grid"], "build_seconds": build_s,
-        "criterion": "ratio <= kept_fraction + 0.2", "sessions": rows,
+        "criterion": f"ratio <= kept_fraction + {args.margin:g}", "sessions": rows,
     }
 
 
@@ -148,6 +162,7 @@ def _device_name(device: torch.device) -> str:
 
 
 def markdown(r: dict) -> str:
+    ask = all("ttft_ms_median" in s for s in r["sessions"])
     head = [
         f"Configuration: {r['model']}, {r['llm_layers']} LLM layers (hidden {r['hidden']}, heads {r['heads']}), "
         f"{r['vision_blocks']} vision blocks, vocab {r['vocab_size']}, {r['dtype']}; device {r['device']}, "
@@ -155,11 +170,13 @@ def markdown(r: dict) -> str:
         f"Input: {r['video']} at {r['fps']} fps, {r['frame_size']}, {r['temporal_patches']} temporal patches "
         f"(grid {r['grid'][0]}x{r['grid'][1]}), the first {r['warmup_skipped']} not timed. "
         f"Criterion: {r['criterion']}.", "",
-        "| session | kept fraction (timed patches) | prefill / temporal patch (median) | ratio to dense | criterion |",
-        "|---|---|---|---|---|"]
+        "| session | kept fraction (timed patches) | prefill / temporal patch (median) | ratio to dense | criterion |"
+        + (" first answer token (median) |" if ask else ""),
+        "|---|---|---|---|---|" + ("---|" if ask else "")]
     rows = [f"| {s['session']} | {s['kept_fraction']:.3f} ({s['kept_fraction_timed']:.3f}) | "
             f"{s['prefill_ms_median']:.1f} ms | {s['ratio']:.3f} | "
-            f"{'-' if s['passes'] is None else ('pass' if s['passes'] else 'FAIL')} |" for s in r["sessions"]]
+            f"{'-' if s['passes'] is None else ('pass' if s['passes'] else 'FAIL')} |"
+            + (f" {s['ttft_ms_median']:.1f} ms |" if ask else "") for s in r["sessions"]]
     return "\n".join(head + rows)
 
 
@@ -176,18 +193,30 @@ def main(argv=None) -> int:
     p.add_argument("--vision-depth", type=int, default=None if cuda else 2, help="vision blocks")
     p.add_argument("--vocab-size", type=int, default=None if cuda else 32768,
                    help="vocabulary (not used by prefill; cut on CPU to save memory)")
+    p.add_argument("--hidden", type=int, default=None,
+                   help="narrow the LLM to this width (quick checks; default: the 7B's 3584)")
+    p.add_argument("--min-pixels", type=int, default=None,
+                   help="Qwen preprocessing min_pixels (quick checks with small frames; default: Qwen's)")
     p.add_argument("--tau-t", type=float, default=0.2)
     p.add_argument("--tau-s", type=float, default=0.2)
-    p.add_argument("--keep-ratio", type=float, default=0.1,
-                   help="also run streaming_assistant at this matched budget (0 to skip)")
+    p.add_argument("--keep-ratio", type=float, nargs="+", default=[0.1],
+                   help="also run streaming_assistant at these matched budgets (default 0.1; 0 to skip)")
+    p.add_argument("--margin", type=float, default=0.2, help="criterion: ratio <= kept fraction + MARGIN (0.2)")
+    p.add_argument("--ask", type=int, default=0, metavar="N",
+                   help="then ask each session N times (1 token) and report the median time to first token")
+    p.add_argument("--question", default="What is happening in the video?", help="the question of --ask")
     p.add_argument("--warmup", type=int, default=2, help="first temporal patches not timed")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
+    p.add_argument("--json-file", default=None, metavar="PATH", help="also write the JSON result to PATH")
     args = p.parse_args(argv)
-    if not args.video or not os.path.isfile(args.video):
+    if not args.video or not os.path.exists(args.video):  # a file or a folder of images
         p.error(f"video not found: {args.video!r}")
     result = run(args)
     print(json.dumps(result, indent=2) if args.json else markdown(result))
+    if args.json_file:
+        with open(args.json_file, "w") as f:
+            json.dump(result, f, indent=2)
     return 0
 
 
