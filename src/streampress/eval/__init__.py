@@ -5,7 +5,8 @@ Readers take the published annotation files as they are and check every entry be
 (:mod:`.prompts`), scores are computed as each benchmark defines them (:mod:`.scoring`), and
 :func:`evaluate` streams every video once through a session, asking each question at its
 time, resumably and sharded over ``torchrun`` processes (:mod:`.runner`, :mod:`.protocol`,
-:mod:`.sharding`).
+:mod:`.sharding`). OVO-Bench's forward-active tasks can also be answered proactively, by
+watches that speak when the scene changes, and scored beside probe mode (:mod:`.proactive`).
 """
 
 from .datasets import BENCHMARKS, AnnotationError, Question, load_benchmark, read_annotations, resolve_videos

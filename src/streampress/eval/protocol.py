@@ -18,6 +18,12 @@ returning a string or an object with ``.text``, and optionally ``stats() -> dict
 ``question_logits(text) -> [V]`` (used when ``top_logits > 0`` to record the k largest
 first-token logits: a fine-grained fingerprint of what the model saw, for comparing runs
 and methods beyond the argmax answer).
+
+With ``proactive=True`` (stream mode, OVO-Bench forward tasks) the session also holds one
+watch per forward prompt (:mod:`.proactive`), registered before the first frame; each
+forward question's record then carries, beside the probe-mode answer, the watch's answer
+standing at the question's time. A watch probe, like a question, leaves no trace, so the
+two modes do not see each other.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import numpy as np
 from streampress.video import FrameBuffer
 
 from .datasets import Question
+from .proactive import Watches
 from .prompts import build_prompt
 
 EPS = 1e-6
@@ -79,8 +86,9 @@ class _Feeder:
     """Buffers frames and hands them to one session in chunks; asks questions on demand."""
 
     def __init__(self, session, chunk_frames: int, max_new_tokens: int, emit: Emit, session_key: str,
-                 top_logits: int = 0):
+                 top_logits: int = 0, watches: Watches | None = None):
         self.session = session
+        self.watches = watches
         self.max_new_tokens, self.emit, self.key = max_new_tokens, emit, session_key
         self.top_logits = top_logits
         self.buffer = FrameBuffer(int(chunk_frames))
@@ -114,6 +122,8 @@ class _Feeder:
             logits = self.session.question_logits(prompt).float().reshape(-1)
             values, ids = logits.topk(min(self.top_logits, logits.numel()))
             info["first_token_top"] = [[int(i), float(v)] for i, v in zip(ids.tolist(), values.tolist())]
+        if self.watches is not None and self.watches.covers(q):
+            info.update(self.watches.answer(q))
         now = time.perf_counter()
         info.update(elapsed_s=now - self.mark, stats=flat_stats(self.session))
         self.mark = now
@@ -134,18 +144,20 @@ def _iterating(frames: Frames) -> Iterator[Iterator]:
 
 def run_stream(frames: Frames, todo: list[Question], stop_times: Iterable[float], session,
                emit: Emit, chunk_frames: int = 16, max_new_tokens: int = 16,
-               session_key: str = "", top_logits: int = 0) -> None:
+               session_key: str = "", top_logits: int = 0, proactive: bool = False) -> None:
     """Stream one video through ``session``, asking each question of ``todo`` at its time.
 
     ``stop_times``: the times of all the video's questions (answered or not); the buffer is
     flushed at each of them. Decoding stops once every question of ``todo`` is answered.
+    ``proactive``: also watch the forward questions (see the module docstring).
     """
     if not todo:
         return
     todo = sorted(todo, key=lambda q: (ask_time(q), q.qid))
     stops = sorted(set(stop_times) | {ask_time(q) for q in todo})
     last_needed = ask_time(todo[-1])
-    feed = _Feeder(session, chunk_frames, max_new_tokens, emit, session_key, top_logits)
+    watches = Watches(session, todo, max_new_tokens) if proactive else None
+    feed = _Feeder(session, chunk_frames, max_new_tokens, emit, session_key, top_logits, watches)
     qi = si = 0
 
     def answer_upto(t: float) -> None:

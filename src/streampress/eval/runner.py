@@ -9,6 +9,8 @@ folder's lock, skips (and reports) questions whose video is missing, splits vide
 ranks, streams each of this rank's videos through a fresh session (skipping questions already
 in the output folder), appends one JSON line per answer, then, on rank 0 after a barrier,
 merges every prediction file and writes the score table. :func:`dry_run` needs neither videos nor a model.
+``forward_mode="proactive"`` (OVO-Bench, stream mode) also answers the forward-active tasks
+proactively on the same streams and reports both modes side by side (:mod:`.proactive`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import scoring, sharding, store
+from . import proactive, scoring, sharding, store
 from .datasets import AnnotationError, Annotations, Question, read_annotations, resolve_videos, summarize
 from .frames import iter_frames
 from .prompts import is_correct, parse_response
@@ -42,7 +44,9 @@ class EvalConfig:
     "top_k": K, "block_items": N}`` (the policy's own arguments); ``size`` resizes frames
     (the longer side, or ``(width, height)``); ``cacher`` holds STC-Cacher settings (``rho``,
     ``interval``, ``refresh_threshold``) or None. ``top_logits`` > 0 records the k
-    largest first-token logits of every question (one extra question forward each)."""
+    largest first-token logits of every question (one extra question forward each).
+    ``forward_mode``: ``"probe"`` asks OVO-Bench's forward tasks at every annotated time;
+    ``"proactive"`` also answers them with watches and reports both (:mod:`.proactive`)."""
 
     benchmark: str
     annotations: str
@@ -67,6 +71,7 @@ class EvalConfig:
     top_logits: int = 0
     raise_errors: bool = False
     skip_invalid: bool = False
+    forward_mode: str = "probe"
 
     def validate(self) -> None:
         """Refuse settings that cannot run, with one line naming the option, before any work."""
@@ -83,6 +88,13 @@ class EvalConfig:
             return isinstance(x, int) and not isinstance(x, bool) and x >= least
 
         need(self.mode in MODES, "--mode", f"one of {MODES}", self.mode)
+        need(self.forward_mode in proactive.FORWARD_MODES, "--forward-mode", f"one of {proactive.FORWARD_MODES}",
+             self.forward_mode)
+        if self.forward_mode == "proactive":
+            need(self.benchmark == "ovobench", "--forward-mode proactive", "benchmark ovobench (its forward "
+                 "tasks)", self.benchmark)
+            need(self.mode == "stream", "--forward-mode proactive", "--mode stream (watches live on one "
+                 "stream)", self.mode)
         need(number(self.fps) and self.fps > 0, "--fps", "a finite number > 0", self.fps)
         need(count(self.chunk_frames, 1), "--chunk-frames", "an integer >= 1", self.chunk_frames)
         need(count(self.max_new_tokens, 1), "--max-new-tokens", "an integer >= 1", self.max_new_tokens)
@@ -113,6 +125,8 @@ class EvalConfig:
                 "max_new_tokens", "memory", "size", "cacher", "dtype", "seed")
         d = {k: getattr(self, k) for k in keys}
         d["annotations"] = Path(self.annotations).name
+        if self.forward_mode != "probe":  # absent by default: folders of earlier runs still resume
+            d["forward_mode"] = self.forward_mode
         return json.loads(json.dumps(d))
 
 
@@ -174,6 +188,15 @@ def dry_run(cfg: EvalConfig, log: Callable[[str], None] | None = None) -> tuple[
             lines.append(f"{'':<18} {'(' + cat + ' total)':<24} {c['items']:>6} {c['questions']:>10} {c['videos']:>7}")
     lines.append(f"total: {info['items']} items, {info['questions']} questions (model calls), "
                  f"{info['videos']} videos")
+    if cfg.forward_mode == "proactive":
+        fwd = [q for q in chosen if proactive.is_forward(q)]
+        info["proactive"] = {t: {"annotated_times": sum(q.task == t for q in fwd),
+                                 "watches": len({proactive.watch_key(q) for q in fwd if q.task == t})}
+                             for t in proactive.FORWARD_TASKS if any(q.task == t for q in fwd)}
+        for t, row in info["proactive"].items():
+            lines.append(f"proactive {t}: {row['watches']} watches (one per distinct prompt and video, each "
+                         f"probing when its trigger fires); probe mode: {row['annotated_times']} calls "
+                         f"(one per annotated time)")
     if ann.problems:
         info["questions_invalid"] = invalid_count(cfg, ann)
         lines.append(f"{_plural(info['questions_invalid'], 'invalid question')} skipped "
@@ -220,10 +243,10 @@ def memory_policy(spec: dict | None):
 
 
 def _record(q: Question, text: str, info: dict, cfg: EvalConfig, rank: int) -> dict:
-    return {"qid": q.qid, "benchmark": q.benchmark, "task": q.task, "category": q.category,
+    return proactive.annotate({"qid": q.qid, "benchmark": q.benchmark, "task": q.task, "category": q.category,
             "video": q.video, "time": q.time, "response": text,
             "parsed": parse_response(q, text, cfg.strict), "answer": q.answer,
-            "correct": is_correct(q, text, cfg.strict), "rank": rank, **info}
+            "correct": is_correct(q, text, cfg.strict), "rank": rank, **info}, q, cfg.strict)
 
 
 def _run_videos(cfg, videos, by_video, stop_times, paths, done, factory, writer, ctx, log) -> list[str]:
@@ -237,7 +260,8 @@ def _run_videos(cfg, videos, by_video, stop_times, paths, done, factory, writer,
         try:
             if cfg.mode == "stream":
                 run_stream(iter_frames(paths[video], cfg.fps, cfg.size), todo, stop_times[video], factory(), emit,
-                           cfg.chunk_frames, cfg.max_new_tokens, session_key=video, top_logits=cfg.top_logits)
+                           cfg.chunk_frames, cfg.max_new_tokens, session_key=video, top_logits=cfg.top_logits,
+                           proactive=cfg.forward_mode == "proactive")
             else:
                 # run_clips calls open_frames only during this call; bind `video` explicitly anyway.
                 run_clips(lambda video=video: iter_frames(paths[video], cfg.fps, cfg.size), todo, factory, emit,
@@ -262,9 +286,13 @@ def _finish(cfg, chosen, found, missing, invalid, errors, out: Path, log, wall_s
     report = {"config": config, "scores": scores, "usage": scoring.aggregate_usage(ours),
               "missing_videos": len(missing), "missing_questions": sum(1 for q in chosen if q.video not in found),
               "invalid_questions": invalid, "unreadable_lines": bad, "errors": errors, "wall_s": wall_s}
+    if cfg.forward_mode == "proactive":
+        report["forward_modes"] = proactive.compare(chosen, {r["qid"]: r for r in ours}, cfg.strict)
+    table = scoring.markdown_table(report) + (
+        "\n" + proactive.markdown(report["forward_modes"]) if "forward_modes" in report else "")
     store.write_atomic(out / "scores.json", json.dumps(report, indent=2) + "\n")
-    store.write_atomic(out / "scores.md", scoring.markdown_table(report))
-    log(scoring.markdown_table(report))
+    store.write_atomic(out / "scores.md", table)
+    log(table)
     return report
 
 

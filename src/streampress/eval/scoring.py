@@ -63,7 +63,7 @@ def score_questions(questions: list[Question], responses: dict[str, str | None],
 
 
 _ADDITIVE = ("frames", "items", "questions", "visual_tokens_seen", "visual_tokens_kept", "evicted_items",
-             "evicted_tokens")
+             "evicted_tokens", "watch_probes")
 _PEAK = ("kv_cache_tokens", "kv_cache_bytes")
 
 
