@@ -42,6 +42,28 @@ scores are scores too: ``NEVER_DROP`` (-inf) marks a token that may not be dropp
 mode (DTD's first grid of a stream, the tokens off MSSAVT's checkerboard), so a budget
 mode keeps more than its count where too few tokens may go. The real number kept per grid
 is ``keep.sum(dim=(1, 2))``.
+
+Exact-count mode (``pruner.exact_mask(grids, total)``), whatever the budget the pruner was
+built with: a bool mask ``[T, H, W]`` with exactly ``total`` True over the whole clip (what
+a serving engine that sized its placeholders in advance needs, e.g. vLLM). Defined by
+``exact_keep(scores, total)`` on the method's own scores:
+
+1. the forced set ``F`` (``NEVER_DROP`` tokens: a stream's first grid for DTD/EVS, the
+   tokens off the checkerboard for MSSAVT, both for StreamingAssistant) is kept first;
+2. the remaining ``total - |F|`` places go to the lowest-scored (least redundant) other
+   tokens across all grids of the clip; ties by time, then raster order (the earlier kept);
+3. when ``total < |F|`` the structural rule cannot hold: the mask keeps ``total`` forced
+   tokens evenly spaced in their time-then-raster order (forced token number
+   ``floor(i * |F| / total)``, ``i = 0 .. total-1``), so every grid keeps about its share,
+   and no other token. ``total`` must lie in ``[0, T*H*W]``.
+
+Equivalently (for ``total >= |F|``) the kept set minimises the sum of kept scores over all
+sets of size ``total`` that contain ``F``. Consequences: with one grid and ``total`` equal to
+the per-grid mask's count the two masks are identical; with ``total`` equal to a threshold
+mask's count the exact mask is that threshold mask (any ``T``); content-independent scores
+(``uniform``, ``random``) give the per-grid mask at ``total = T * k``. Like ``__call__``, the
+call continues the stream (state, ``grids_seen``); ``reset()`` first for an independent clip.
+DivPrune (not a score) runs its greedy max-min selection over the clip's tokens jointly.
 """
 
 from __future__ import annotations
@@ -129,6 +151,22 @@ class Pruner:
         self._grids_seen += T
         return keep
 
+    def exact_mask(self, grids: torch.Tensor, total: int) -> torch.Tensor:
+        """Keep mask ``[T, H, W]`` with exactly ``total`` True over the next ``T`` grids of the
+        stream (exact-count mode, see the module docstring); the pruner's own per-grid
+        budget is not used. Continues the stream like ``__call__`` (and commits its state
+        only when it returns). ``total`` in ``[0, T * H * W]``."""
+        x = self._validated(grids)
+        T, H, W, D = x.shape
+        total = check_total(total, T * H * W)
+        if T == 0:
+            return torch.zeros((0, H, W), dtype=torch.bool, device=x.device)
+        keep, state = self._prune_exact(x, self._state, total)
+        self._state = state
+        self._stream_shape = (H, W, D)
+        self._grids_seen += T
+        return keep
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self._params.items())
         return f"{type(self).__name__}({args})"
@@ -136,6 +174,9 @@ class Pruner:
     # ------------------------------------------------------------ for subclasses
     def _prune(self, x: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
         raise NotImplementedError
+
+    def _prune_exact(self, x: torch.Tensor, state: Any, total: int) -> tuple[torch.Tensor, Any]:
+        raise NotImplementedError(f"{type(self).__name__} has no exact-count mode")
 
     def _cached(self, key: tuple, build) -> torch.Tensor:
         """A tensor derived only from shapes/devices (never from stream content), built once."""
@@ -249,6 +290,15 @@ class ScorePruner(Pruner):
                 f"expected {tuple(x.shape[:3])} (one per token)"
             )
         return self.select(scores), state  # Pruner.__call__ commits the state
+
+    def _prune_exact(self, x: torch.Tensor, state: Any, total: int) -> tuple[torch.Tensor, Any]:
+        scores, state = self.score(x, state)
+        if scores.shape != x.shape[:3]:
+            raise RuntimeError(
+                f"{type(self).__name__}.score returned scores of shape {tuple(scores.shape)}, "
+                f"expected {tuple(x.shape[:3])} (one per token)"
+            )
+        return exact_keep(scores, total), state
 
 
 class ThresholdPruner(ScorePruner):
@@ -376,6 +426,41 @@ def keep_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
     keep = torch.zeros((T, N), dtype=torch.bool, device=scores.device)
     keep.scatter_(1, order, True)
     return keep | torch.isneginf(scores)
+
+
+def exact_keep(scores: torch.Tensor, total: int) -> torch.Tensor:
+    """Keep mask of ``scores [T, H, W]`` with exactly ``total`` True over the whole clip.
+
+    ``NEVER_DROP`` (-inf) tokens first, then the lowest scores across all grids, ties by time
+    then raster order (a stable sort of the time-major flattening); when ``total`` is below
+    the number of ``NEVER_DROP`` tokens, ``total`` of them evenly spaced in that order. See
+    the module docstring ("Exact-count mode").
+    """
+    flat = scores.reshape(-1)
+    n = flat.numel()
+    total = check_total(total, n)
+    keep = torch.zeros(n, dtype=torch.bool, device=scores.device)
+    if total == n:
+        keep.fill_(True)
+        return keep.view(scores.shape)
+    forced = torch.isneginf(flat)
+    n_forced = int(forced.sum())
+    if total >= n_forced:
+        keep[torch.sort(flat, stable=True).indices[:total]] = True
+    elif total > 0:
+        idx = forced.nonzero().squeeze(1)  # increasing: time, then raster order
+        pick = torch.arange(total, device=scores.device) * n_forced // total
+        keep[idx[pick]] = True
+    return keep.view(scores.shape)
+
+
+def check_total(value: Any, n: int) -> int:
+    """An exact token count in ``[0, n]`` (``n`` = tokens of the clip)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"total must be an integer in [0, {n}], got {type(value).__name__} {value!r}")
+    if not 0 <= value <= n:
+        raise ValueError(f"total must be in [0, {n}] (the clip's T*H*W tokens), got {value!r}")
+    return int(value)
 
 
 def token_budget(n: int, keep_ratio: float | None, tokens_per_grid: int | None) -> int:

@@ -56,6 +56,9 @@ class DivPrunePruner(Pruner):
     Args:
         keep_ratio: keep ``ceil(keep_ratio * H * W)`` tokens per grid (default 0.25).
         tokens_per_grid: instead, keep this many tokens per grid (all when the grid is smaller).
+
+    ``exact_mask(grids, total)``: exactly ``total`` tokens of the clip, by the same greedy
+    max-min selection run over the clip's tokens jointly (no forced set).
     """
 
     name = "divprune"
@@ -76,3 +79,13 @@ class DivPrunePruner(Pruner):
         z = x.reshape(T, N, D)
         k = token_budget(N, self.keep_ratio, self.tokens_per_grid)
         return max_min_diverse(unit_tokens(z), k).view(T, H, W), None
+
+    def _prune_exact(self, x: torch.Tensor, state: None, total: int):
+        """Exact-count mode: the greedy max-min selection over all ``T * H * W`` tokens of the
+        clip jointly (one Gram matrix of the clip), ``total`` picks; ties to the earlier token
+        in time-then-raster order. No forced set."""
+        T, H, W, D = x.shape
+        if total == 0:
+            return torch.zeros((T, H, W), dtype=torch.bool, device=x.device), None
+        z = unit_tokens(x.reshape(T, H * W, D)).reshape(1, T * H * W, D)
+        return max_min_diverse(z, total).view(T, H, W), None

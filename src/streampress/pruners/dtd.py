@@ -84,6 +84,10 @@ class DTDPruner(ThresholdPruner):
             same position in the previous grid is above ``tau`` (default 0.5).
         keep_ratio: instead of ``tau``, keep exactly ``ceil(keep_ratio * H * W)`` tokens of
             every grid after the first (the least similar to the previous grid).
+
+    ``exact_mask(grids, total)``: exactly ``total`` tokens of the clip: a stream's first grid
+    whole (forced), then the tokens least similar to their previous grid across all grids
+    (EVS's global top-k); below one grid's worth, ``total`` first-grid tokens evenly spaced.
     """
 
     name = "dtd"

@@ -64,6 +64,11 @@ class MSSAVTPruner(ThresholdPruner):
             4-neighbour is above ``tau`` (default 0.2).
         keep_ratio: instead of ``tau``, keep ``ceil(keep_ratio * H * W)`` tokens per grid
             (or more when fewer than that can be dropped: at most the checkerboard colour).
+
+    ``exact_mask(grids, total)``: exactly ``total`` tokens of the clip: every off-checkerboard
+    token (forced), then the checkerboard tokens with the lowest R across all grids; when
+    ``total`` is below the off-checkerboard count, ``total`` of those evenly spaced in
+    time-then-raster order (two adjacent tokens may then both be dropped).
     """
 
     name = "mssavt"

@@ -55,6 +55,11 @@ class StreamingAssistantPruner(ScorePruner):
             similarity to a 4-neighbour is above ``tau_s`` (default 0.2).
         keep_ratio: instead of the thresholds, keep ``ceil(keep_ratio * H * W)`` tokens
             per grid (more on a stream's first grid when fewer can be dropped).
+
+    ``exact_mask(grids, total)``: exactly ``total`` tokens of the clip ranked by the same margin
+    ``r`` (with the thresholds, or 0 in keep_ratio mode): the off-checkerboard tokens of a
+    stream's first grid are forced, the rest go to the lowest ``r`` across all grids; below
+    the forced count, that many of them evenly spaced.
     """
 
     name = "streaming_assistant"
