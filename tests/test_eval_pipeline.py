@@ -117,6 +117,7 @@ def test_clip_mode_matches_stream_mode_without_pruning(ovo):
     close_logits(answers(tmp / "s_none"), answers(tmp / "c_none"))
 
 
+@pytest.mark.slow  # two processes with a model each: run by .ci/run's slow step
 def test_torchrun_two_processes_equal_one(ovo):
     tmp, ann, root, full = ovo
     out = tmp / "torchrun"

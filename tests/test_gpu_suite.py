@@ -39,6 +39,7 @@ def _tiny_mp4(path: Path, frames: int = 8, side: int = 112, fps: int = 2) -> Non
             container.mux(packet)
 
 
+@pytest.mark.slow  # ~30 s: run by .ci/run's slow step; the device commands' flags are checked by default
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="the rehearsal forks its steps")
 def test_rehearsal_runs_every_step(tmp_path):
     clips, out, work = tmp_path / "clips", tmp_path / "out", tmp_path / "work"
