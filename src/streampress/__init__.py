@@ -6,7 +6,8 @@ Public API (imported lazily so that ``import streampress`` and ``streampress lis
 - :func:`create_cacher`: STC-Cacher, vision-encoder reuse across similar frames.
 - :func:`load_model`: Hugging Face checkpoints or built-in ``random:`` architectures.
 - :class:`StreamingSession`: frames in, answers out, with a memory policy.
-- :class:`FullMemory`, :class:`SlidingWindow`, :class:`RetrievalMemory`: memory policies.
+- :class:`FullMemory`, :class:`SlidingWindow`, :class:`RetrievalMemory`, :class:`BudgetMemory`:
+  memory policies (``BudgetMemory``: InfiniPot-V / HERMES token-level KV budgets).
 - :mod:`streampress.video`: video sources (files, image folders, cameras and streams).
 - :mod:`streampress.protocols`: the typed contracts of pruners, memory policies and encoder reuse.
 """
@@ -26,6 +27,7 @@ _LAZY = {
     "FullMemory": "streampress.memory",
     "SlidingWindow": "streampress.memory",
     "RetrievalMemory": "streampress.memory",
+    "BudgetMemory": "streampress.memory",
 }
 
 __all__ = sorted(_LAZY) + ["video", "__version__"]

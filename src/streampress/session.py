@@ -11,7 +11,10 @@ One session is one stream. Per :meth:`StreamingSession.add_frames` call:
 4. the adapter lays the chunk out (wrapper text + visual tokens) with the positions of the
    UNPRUNED stream; the kept tokens (and all text) are prefilled into the KV cache with
    those positions, per-token extras (Qwen3-VL DeepStack) pruned with the same mask;
-5. the memory policy records one block per item and may evict old ones.
+5. the memory policy records one block per item and may evict old ones (whole items, or,
+   with :class:`streampress.BudgetMemory`, single tokens per layer and KV head); a store
+   that placed a token at a new position (HERMES's summary token) sets
+   ``position_floor`` and the stream's next position moves up to it.
 
 :meth:`StreamingSession.ask` runs the question at ``max(all positions) + 1`` and a greedy
 loop with explicit positions, then removes the question and answer from the cache, so the
@@ -195,6 +198,10 @@ class StreamingSession:
         self._last_time = float(times[-1])
         self._counts["frames"] = self._counts["items"] * fpi + rest
         self._memory.after_add(self._last_time - (self._state.start_time or 0.0))
+        floor = getattr(self._memory, "position_floor", None)  # a token a store placed (HERMES summary)
+        if floor is not None and floor > self._state.max_position + 1:
+            self._state = self._state.advanced(max_position=floor - 1,
+                                               next_position=max(self._state.next_position, floor))
 
     # ---- undo ---------------------------------------------------------------------------
     def _snapshot(self) -> tuple:
@@ -297,10 +304,11 @@ class StreamingSession:
         t3 = self._clock()
         # Commit: one block per item, in the order the chunk was laid out.
         lengths = torch.bincount(run.item - first_item, minlength=n).tolist()
+        raster = torch.where(run.kinds == VISUAL, run.visual_index % (hh * ww), -1)  # grid coordinate, -1: text
         blocks, at = [], 0
         for k, (length, t_start, t_end) in enumerate(zip(lengths, rel[:, 0].tolist(), rel[:, -1].tolist())):
             blocks.append(Block(first_item + k, t_start, t_end, offset + at, length,
-                                run.positions[:, at:at + length]))
+                                run.positions[:, at:at + length], raster[at:at + length], (hh, ww)))
             at += length
         self._memory.add_blocks(blocks)
         self._state = new_state

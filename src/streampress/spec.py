@@ -1,7 +1,9 @@
 """Text forms of the settings that the command line, the evaluation harness and the server share.
 
-A KV-memory setting is written ``full``, ``window:SECONDS`` or
-``retrieval:window=SECONDS,top_k=K[,block_items=N]`` and read into a small spec dict
+A KV-memory setting is written ``full``, ``window:SECONDS``,
+``retrieval:window=SECONDS,top_k=K[,block_items=N]``, ``infinipot:budget=N`` (also
+``infinipot_v:budget=N``) or ``hermes:budget=N`` (token budgets, :class:`streampress.BudgetMemory`)
+and read into a small spec dict
 (None for ``full``) that is stored in run configurations and turned into a policy object
 only where a session is built. This module imports no torch, so parsing stays instant.
 """
@@ -12,7 +14,9 @@ import math
 
 __all__ = ["MEMORY_FORMS", "parse_memory", "memory_text", "memory_policy"]
 
-MEMORY_FORMS = "full, window:SECONDS or retrieval:window=SECONDS,top_k=K[,block_items=N]"
+MEMORY_FORMS = ("full, window:SECONDS, retrieval:window=SECONDS,top_k=K[,block_items=N], infinipot:budget=N "
+                "or hermes:budget=N")
+_BUDGET_METHODS = {"infinipot": "infinipot_v", "infinipot_v": "infinipot_v", "hermes": "hermes"}
 
 
 def _number(text: str, kind=float):
@@ -26,7 +30,9 @@ def _number(text: str, kind=float):
 def parse_memory(text: str) -> dict | None:
     """``full`` -> None; ``window:SECONDS`` -> ``{"name": "window", "seconds": S}``;
     ``retrieval:window=S,top_k=K[,block_items=N]`` -> ``{"name": "retrieval",
-    "window_seconds": S, "top_k": K, "block_items": N}``. ValueError (one line) otherwise."""
+    "window_seconds": S, "top_k": K, "block_items": N}``; ``infinipot:budget=N`` /
+    ``hermes:budget=N`` -> ``{"name": "budget", "method": "infinipot_v" | "hermes",
+    "budget": N}``. ValueError (one line) otherwise."""
     if not isinstance(text, str):
         raise ValueError(f"expected {MEMORY_FORMS}, got {text!r}")
     kind, colon, rest = text.strip().partition(":")
@@ -54,6 +60,15 @@ def parse_memory(text: str) -> dict | None:
         if block_items is None or block_items < 1:
             bad("block_items must be an integer >= 1")
         return {"name": "retrieval", "window_seconds": seconds, "top_k": top_k, "block_items": block_items}
+    if kind in _BUDGET_METHODS:
+        fields = dict(part.partition("=")[::2] for part in rest.split(",") if part)
+        unknown = sorted(set(fields) - {"budget"})
+        if unknown or "budget" not in fields:
+            bad(f"unknown key {unknown[0]!r}" if unknown else "budget= is required")
+        budget = _number(fields["budget"], int)
+        if budget is None or budget < 2:
+            bad("budget must be an integer >= 2 (visual tokens per layer)")
+        return {"name": "budget", "method": _BUDGET_METHODS[kind], "budget": budget}
     return bad("unknown memory policy")
 
 
@@ -63,15 +78,21 @@ def memory_text(spec: dict | None) -> str:
         return "full"
     if spec["name"] == "window":
         return f"window:{spec['seconds']:g}"
+    if spec["name"] == "budget":
+        return f"{'infinipot' if spec['method'] == 'infinipot_v' else 'hermes'}:budget={spec['budget']}"
     return (f"retrieval:window={spec['window_seconds']:g},top_k={spec['top_k']},"
             f"block_items={spec['block_items']}")
 
 
 def memory_policy(spec: dict | None):
-    """The session's ``memory`` argument for a spec: ``"full"``, a SlidingWindow or a RetrievalMemory."""
+    """The session's ``memory`` argument for a spec: ``"full"``, a SlidingWindow, a
+    RetrievalMemory or a BudgetMemory."""
     if not spec:
         return "full"
-    from .memory import RetrievalMemory, SlidingWindow
+    from .memory import BudgetMemory, RetrievalMemory, SlidingWindow
+
+    if spec["name"] == "budget":
+        return BudgetMemory(spec["method"], budget=spec["budget"])
 
     params = {k: v for k, v in spec.items() if k != "name"}
     return {"window": SlidingWindow, "retrieval": RetrievalMemory}[spec["name"]](**params)

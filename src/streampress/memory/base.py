@@ -23,7 +23,9 @@ of :mod:`streampress.protocols`):
 - ``store.after_add(now)``: eviction hook after each chunk (``now``: newest frame time);
 - ``with store.answering(question) as cache:``: the cache a question and its answer run
   on; when the block exits the question and answer are gone again;
-- ``store.stats()``: counters for ``session.stats()``.
+- ``store.stats()``: counters for ``session.stats()``;
+- optionally ``store.position_floor`` (int or None): the lowest position the next token
+  may take (a store that placed a token of its own, :mod:`.budget`'s HERMES summary).
 
 Extension point: the retrieval policy (:mod:`.retrieval`) subclasses :class:`MemoryStore`
 to move old blocks off the device in ``after_add`` and to assemble [recent window +
@@ -85,9 +87,14 @@ def cache_nbytes(cache) -> int:
 @dataclass(frozen=True)
 class Block:
     """One item's span in the cache: ``[start, start + length)``; times on the stream clock;
-    ``positions [P, length]``: the RoPE positions its cached tokens were rotated with.
+    ``positions [P, length]``: the RoPE positions its cached tokens were rotated with;
+    ``raster [length]`` (int64): each token's raster index ``row * W' + col`` on the item's
+    grid, -1 for the item's wrapper text (token-level policies score visual tokens by
+    their grid coordinate); ``grid``: the item's unpruned grid ``(H', W')``.
     Immutable: stores replace blocks (``dataclasses.replace``) instead of editing them, so a
-    saved list of blocks stays valid."""
+    saved list of blocks stays valid. (Token-level stores, :mod:`.budget`, keep a block as
+    long as any layer holds one of its tokens; there ``start`` / ``length`` describe the
+    item as it was appended, and the store's slot table says where its tokens are now.)"""
 
     item: int
     start_time: float
@@ -95,6 +102,8 @@ class Block:
     start: int
     length: int
     positions: torch.Tensor | None = None
+    raster: torch.Tensor | None = None
+    grid: tuple[int, int] | None = None
 
 
 @dataclass

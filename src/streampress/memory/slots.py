@@ -1,0 +1,111 @@
+"""The pieces of token-level memory that the budget methods share: the slot table, a
+compression plan, deterministic TopK and the rotary-delta helper.
+
+Its own module so that :mod:`.infinipot` and :mod:`.hermes` (the methods) and :mod:`.budget`
+(the policy and its store, which imports the methods) import downwards only. See
+:mod:`.budget` for the data structure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["SlotTable", "Plan", "rotary_delta", "rotate", "stable_topk", "minmax", "visual_slots", "kept_text"]
+
+
+# ---- math helpers ----------------------------------------------------------------------------
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rotary_delta(adapter, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cos, sin)`` float32 ``[N, D]`` of the rotation by position deltas ``delta [P, N]``
+    (any sign), from the model's own rotary module (``adapter.rotary``: M-RoPE sections
+    included, each frequency taking its own axis' delta), WITHOUT the module's
+    ``attention_scaling`` factor (a pure rotation: ``R(a) R(b) = R(a + b)``)."""
+    cos, sin = adapter.rotary(delta)
+    rotary = getattr(getattr(getattr(getattr(adapter, "hf_model", None), "model", None), "language_model", None),
+                     "rotary_emb", None)
+    scale = float(getattr(rotary, "attention_scaling", 1.0) or 1.0)
+    return cos / scale, sin / scale
+
+
+def rotate(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Post-RoPE ``keys [..., N, D]`` turned by the rotation ``(cos, sin) [N, D]`` (computed
+    in at least float32, returned in that precision)."""
+    k = keys.to(torch.promote_types(keys.dtype, torch.float32))
+    return k * cos.to(k) + _rotate_half(k) * sin.to(k)
+
+
+def stable_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices (along the last dim, increasing) of the ``k`` entries largest under the key
+    ``(score, index)``: ties go to the later index (KV_MEMORY.md 1.1: newer item, then
+    higher raster index). A stable sort, never ``torch.topk``'s unspecified tie order."""
+    order = torch.sort(scores, dim=-1, stable=True).indices
+    return order[..., order.shape[-1] - k:].sort(dim=-1).values
+
+
+def minmax(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """``(x - min) / (max - min + eps)`` along the last dim."""
+    lo, hi = x.min(-1, keepdim=True).values, x.max(-1, keepdim=True).values
+    return (x - lo) / (hi - lo + eps)
+
+
+# ---- the slot table --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SlotTable:
+    """What every cached row of the slot region is, per (layer, KV head, slot); int32:
+    ``item [L, H, V]`` (-1: summary), ``raster [L, H, V]`` (-1: wrapper text or summary),
+    ``pos [L, H, P, V]`` (RoPE positions). Immutable: compressions build a new table."""
+
+    item: torch.Tensor
+    raster: torch.Tensor
+    pos: torch.Tensor
+
+    @property
+    def slots(self) -> int:
+        return int(self.item.shape[-1])
+
+    def visual(self) -> torch.Tensor:
+        """bool ``[L, H, V]``: visual slots (grid tokens and summaries), what budgets count."""
+        return (self.raster >= 0) | (self.item < 0)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.item, self.raster, self.pos))
+
+
+def visual_slots(table: SlotTable, layer: int) -> torch.Tensor:
+    """int64 ``[H, n]``: per head of ``layer`` the region indices of its visual slots, in slot
+    order (every head of a layer holds the same number)."""
+    mask = table.visual()[layer]
+    h, v = mask.shape
+    return torch.arange(v, device=mask.device).expand(h, v)[mask].view(h, -1)
+
+
+def kept_text(table: SlotTable, keep: Sequence[torch.Tensor], protected: Sequence[int]) -> torch.Tensor:
+    """bool ``[L, H, V]``: the wrapper-text slots that stay when every layer keeps the
+    visual slots ``keep[l] [H, K]``: those of items with a kept visual token in some
+    (layer, head), or ``protected``."""
+    items = torch.cat([table.item[l].gather(1, k.to(table.item.device)).reshape(-1) for l, k in enumerate(keep)])
+    live = torch.unique(torch.cat([items.to(torch.int64), torch.as_tensor(list(protected), dtype=torch.int64,
+                                                                          device=items.device)]))
+    return (table.raster < 0) & (table.item >= 0) & torch.isin(table.item.to(torch.int64), live)
+
+
+@dataclass
+class Plan:
+    """A compression decided by a method: per layer the region indices ``[H, K]``
+    (increasing) of the visual slots to keep, optional summaries appended after the kept
+    region (per layer None or ``(keys [H, D], values [H, D], pos [P])``), items whose
+    wrapper text stays even without a visual token (the protected recent items), and the
+    lowest position a later token may take (None: unchanged)."""
+
+    keep: list[torch.Tensor]
+    summaries: list[Any] | None = None
+    protected: Sequence[int] = ()
+    position_floor: int | None = None
