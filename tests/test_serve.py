@@ -804,9 +804,13 @@ def test_watch_over_the_socket_equals_in_process_watch(server, model):
         assert created["type"] == "streampress.watch.created" and created["watch"]["id"].startswith("watch_")
         bad = await client.call({"type": "streampress.watch.create", "watch": {"question": " "}})
         assert bad["type"] == "error" and bad["error"]["param"] == "watch.question"
-        events = []
+        stream = server.engine.get(client.session["id"])
         for i, image in enumerate(frames):
             await client.send(image_item(image, float(i)))
+            if i % 8 == 7:  # stay under the backlog limit: a dropped frame would change the signal
+                deadline = time.monotonic() + 20
+                while (stream.queue or stream.counts["received"] <= i) and time.monotonic() < deadline:
+                    await asyncio.sleep(0.02)
         await client.send(text_item("Anything else?"))
         await client.send({"type": "response.create"})
         events = await client.until("response.done")  # the question waits for every earlier frame
@@ -814,6 +818,7 @@ def test_watch_over_the_socket_equals_in_process_watch(server, model):
         assert missing["type"] == "error" and missing["error"]["code"] == "watch_not_found"
         gone = await client.call({"type": "streampress.watch.delete", "watch_id": created["watch"]["id"]})
         assert gone == {**gone, "type": "streampress.watch.deleted", "watch_id": created["watch"]["id"]}
+        assert stream.counts["dropped"] == 0
         await client.close()
         return events
 

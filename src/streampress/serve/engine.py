@@ -307,15 +307,22 @@ class Engine:
             s.counts["received"] += 1
             self.metrics.counters["frames_received"] += 1
             s.touch()
-            if s.last_time is not None and t < s.last_time:
-                self._reject_locked(s, "timestamp_backwards")
-                raise ServeError(f"timestamp: {t:.3f} s is before the stream's last frame at {s.last_time:.3f} s",
-                                 param="timestamp", code="timestamp_backwards")
-            if not self._on_tick(s, t):
-                s.counts["skipped"] += 1
-                self.metrics.counters["frames_skipped"] += 1
+            if not self._due_locked(s, t):
                 return t, False
             return t, True
+
+    def _due_locked(self, s: Stream, t: float) -> bool:
+        """Whether a frame at stream time ``t`` falls on the stream's next fps tick (a frame
+        off the grid is counted as skipped); a time before the last frame is refused."""
+        if s.last_time is not None and t < s.last_time:
+            self._reject_locked(s, "timestamp_backwards")
+            raise ServeError(f"timestamp: {t:.3f} s is before the stream's last frame at {s.last_time:.3f} s",
+                             param="timestamp", code="timestamp_backwards")
+        if not self._on_tick(s, t):
+            s.counts["skipped"] += 1
+            self.metrics.counters["frames_skipped"] += 1
+            return False
+        return True
 
     def reject(self, s: Stream, code: str) -> None:
         """Count a frame refused after :meth:`admit` (a bad image)."""
@@ -353,13 +360,7 @@ class Engine:
                 raise ServeError(f"image: the stream's frames are {s.frame_hw[1]}x{s.frame_hw[0]}, got "
                                  f"{hw[1]}x{hw[0]} (start a new stream, or change the method with "
                                  f"session.update, to change the size)", param="image", code="frame_size_changed")
-            if s.last_time is not None and t < s.last_time:
-                self._reject_locked(s, "timestamp_backwards")
-                raise ServeError(f"timestamp: {t:.3f} s is before the stream's last frame at {s.last_time:.3f} s",
-                                 param="timestamp", code="timestamp_backwards")
-            if not self._on_tick(s, t):
-                s.counts["skipped"] += 1
-                self.metrics.counters["frames_skipped"] += 1
+            if not self._due_locked(s, t):
                 return "skipped"
             while block and len(s.queue) >= self.limits.queue_frames and s.closed is None and not self._stopping:
                 self._cond.wait(0.5)
