@@ -12,7 +12,9 @@ patches (2, 4, 6 frames of 4x4 merged tokens each).
   placeholder count;
 - cross-engine: the first answer token's logprobs from vLLM with the plugin equal those of
   streampress's own StreamingSession on the same checkpoint, video and kept tokens, within
-  ``XENGINE_ATOL`` (both float32 on the CPU; different kernels, so not bit-identical);
+  ``XENGINE_ATOL`` (both float32 on the CPU; different kernels, so not bit-identical), for
+  Qwen2.5-VL and Qwen3-VL (Qwen3-VL: vLLM gets the session's prompt with a bare
+  ``<|video_pad|>``, so both engines see the same tokens; see ``_qwen3_session_prompt``);
 - an unknown method is one clear error at load time.
 """
 
@@ -32,18 +34,20 @@ from streampress.pruners import create_pruner, list_pruners  # noqa: E402
 
 RATE = 0.75
 #: Max |logprob difference| between vLLM and streampress's session (float32, CPU, the
-#: tiny model's near-uniform logprobs around -5.7): observed <= 5e-7.
+#: tiny model's near-uniform logprobs around -5.7): observed <= 5e-7 for Qwen2.5-VL and Qwen3-VL.
 XENGINE_ATOL = 1e-4
 QUESTION = "What happens in the video?"
 TOP = 5
 
 
-def _run(llm, frames_meta, top=TOP):
+def _run(llm, frames_meta, top=TOP, text=None, mm_kwargs=None):
     from vllm import SamplingParams
 
     params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=top)
-    out = llm.generate({"prompt": prompt(QUESTION), "multi_modal_data": {"video": frames_meta}}, params,
-                       use_tqdm=False)[0]
+    request = {"prompt": text or prompt(QUESTION), "multi_modal_data": {"video": frames_meta}}
+    if mm_kwargs:
+        request["mm_processor_kwargs"] = mm_kwargs
+    out = llm.generate(request, params, use_tqdm=False)[0]
     first = out.outputs[0].logprobs[0]
     return out, {tok: lp.logprob for tok, lp in first.items()}
 
@@ -159,10 +163,14 @@ def test_cross_engine_first_token_logprobs(ckpt25, pruned25, method, patches):
 
 
 @pytest.fixture(scope="module")
-def pruned3(tmp_path_factory):
-    folder = vllm_checkpoint(tmp_path_factory.mktemp("vllm3") / "qwen3_vl", "qwen3_vl")
+def ckpt3(tmp_path_factory):
+    return vllm_checkpoint(tmp_path_factory.mktemp("vllm3") / "qwen3_vl", "qwen3_vl")
+
+
+@pytest.fixture(scope="module")
+def pruned3(ckpt3):
     plugin.capture = []
-    llm = make_llm(folder, hf_overrides={"streampress": {"method": "stc"}}, video_pruning_rate=RATE)
+    llm = make_llm(ckpt3, hf_overrides={"streampress": {"method": "stc"}}, video_pruning_rate=RATE)
     yield llm
     plugin.capture = None
     _free(llm)
@@ -180,11 +188,85 @@ def test_qwen3_vl_mask_and_count(pruned3, method):
             (rec,) = plugin.capture
             T, h, w = rec["grid"]
             assert T == patches
+            # scored on the main embedding only (the DeepStack levels vLLM appends are not scored),
+            # as streampress's own session scores it
+            assert rec["embeds"].shape[-1] == pruned3.llm_engine.model_config.hf_config.text_config.hidden_size
             assert rec["total"] == max(h * w, int(T * h * w * (1 - RATE))) == _video_count(pruned3, out)
             ours = create_pruner(method).exact_mask(rec["embeds"].reshape(T, h, w, -1), rec["total"])
             assert torch.equal(ours.reshape(-1), rec["mask"])
     finally:
         _set_method(pruned3, "stc")
+
+
+def _qwen3_session_prompt(session) -> str:
+    """vLLM's prompt text laid out as streampress's Qwen3-VL session lays out the stream:
+    the session's prefix, a bare ``<|video_pad|>`` and the session's question turn.
+
+    vLLM 0.32 with transformers >= 5.10 expands only the bare ``<|video_pad|>`` into the
+    per-frame ``<t seconds><|vision_start|>...<|vision_end|>`` runs (its chat-template prompt
+    ``<|vision_start|><|video_pad|><|vision_end|>`` would nest the runs inside the template's
+    wrapper, two tokens streampress does not have); streampress replaces the template's whole
+    triple by the runs (the released Qwen3-VL layout). A bare pad gives both engines the same
+    tokens."""
+    adapter = session.model
+    prefix = adapter.tokenizer.decode(adapter._prefix_ids)
+    return prefix + "<|video_pad|>" + adapter.tokenizer.decode(adapter.question_ids(QUESTION))
+
+
+#: vLLM's Qwen3-VL processor (transformers 5.x) bounds the pixels of the whole clip
+#: (frames x H x W <= longest_edge, 32768 in the test checkpoint: 4 frames of 128x128 are
+#: already shrunk to 64x64); streampress's session bounds each temporal patch (2 frames), as
+#: the released processor does. The cross-engine test raises vLLM's bound for its request so
+#: that both engines see the same 128x128 frames (4x4 merged tokens per temporal patch).
+QWEN3_WHOLE_CLIP_BUDGET = {"size": {"shortest_edge": 8192, "longest_edge": 6 * 128 * 128}}
+
+
+@pytest.mark.parametrize("method,patches", [("stc", 2), ("streaming_assistant", 3)])
+def test_qwen3_vl_cross_engine_first_token_logprobs(ckpt3, pruned3, method, patches):
+    """Qwen3-VL: vLLM with the plugin and streampress's session, same checkpoint, video,
+    kept tokens (the plugin's mask) and token sequence, agree on the first answer token's
+    logprobs within ``XENGINE_ATOL``."""
+    from streampress import StreamingSession
+
+    frames, meta = video(2 * patches, "qwen3_vl", seed=700 + patches)
+    # The session first (its prompt pieces give vLLM's prompt); its pruner gets vLLM's mask.
+    fixed = _FixedMask(None)
+    session = StreamingSession(str(ckpt3), pruner=fixed)
+    text = _qwen3_session_prompt(session)
+    _set_method(pruned3, method)
+    try:
+        plugin.capture.clear()
+        out, lps = _run(pruned3, (frames, meta), text=text, mm_kwargs=QWEN3_WHOLE_CLIP_BUDGET)
+        (rec,) = plugin.capture
+    finally:
+        _set_method(pruned3, "stc")
+    T, h, w = rec["grid"]
+    assert (T, h, w) == (patches, 4, 4) and not bool(rec["mask"].all())  # same grid; something was pruned
+    fixed.mask = rec["mask"].reshape(T, h, w)
+    session.add_frames(frames, [i / meta["fps"] for i in range(len(frames))])
+    assert session.stats()["visual_tokens_kept"] == rec["total"] == _video_count(pruned3, out)
+
+    # Same token sequence: vLLM's prompt is the session's prefix, the video's runs, the
+    # session's question turn; the runs carry the session's timestamps (vLLM lumps the kept
+    # pads into the first run of its prompt and lays them out per frame at embedding time,
+    # which is the session's per-item layout with the same kept tokens).
+    adapter = session.model
+    tok = adapter.tokenizer
+    pad, vs, ve = (tok.convert_tokens_to_ids(t) for t in ("<|video_pad|>", "<|vision_start|>", "<|vision_end|>"))
+    ids = list(out.prompt_token_ids)
+    head, tail = adapter._prefix_ids, adapter.question_ids(QUESTION)
+    assert ids[:len(head)] == head and ids[len(ids) - len(tail):] == tail, tok.decode(ids)
+    runs = [i for i in ids[len(head):len(ids) - len(tail)] if i != pad]
+    times = [(2 * k + 0.5) / meta["fps"] for k in range(T)]  # mean of each item's two frame times
+    expected = [i for t in times for i in adapter.tokenize(f"<{t:.1f} seconds>") + [vs, ve]]
+    assert runs == expected, (tok.decode(runs), tok.decode(expected))
+
+    ours = torch.log_softmax(session.question_logits(QUESTION).float(), dim=-1)
+    diffs = {tok_id: abs(float(ours[tok_id]) - lp) for tok_id, lp in lps.items()}
+    print(f"qwen3-vl cross-engine max |dlogprob| {method} T={patches}: {max(diffs.values()):.2e}")
+    assert max(diffs.values()) < XENGINE_ATOL, diffs
+    assert int(ours.argmax()) == max(lps, key=lps.get) or math.isclose(
+        float(ours.max()), max(lps.values()), abs_tol=XENGINE_ATOL)
 
 
 def test_unknown_method_is_one_clear_error(ckpt25):

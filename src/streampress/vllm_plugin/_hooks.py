@@ -66,12 +66,16 @@ def text_after_video_at_max_plus_one(compute_mrope_for_media):
 
 @contextlib.contextmanager
 def masks_replaced(module: Any, mask_names: tuple[str, ...], spec: PruningSpec, count_fn,
-                   also: dict[str, Any] | None = None):
+                   also: dict[str, Any] | None = None, channels: int | None = None):
     """Within the block, ``module``'s retention-mask functions give streampress's exact-count
     mask with ``count_fn``'s count (the count vLLM sized the prompt with); ``also``: other
-    module attributes replaced for the block."""
+    module attributes replaced for the block. ``channels``: score only the first channels of
+    the embeddings vLLM hands over (Qwen3-VL appends its DeepStack levels to the main
+    embedding; streampress scores the main embedding, as its own session does)."""
 
     def mask(video_embeds, video_size_thw, spatial_merge_size, q):
+        if channels is not None:
+            video_embeds = video_embeds[..., :channels]
         T, H, W = map(int, video_size_thw)
         per_frame = (H // spatial_merge_size) * (W // spatial_merge_size)
         total = count_fn(tokens_per_frame=per_frame, num_frames=T, q=q)

@@ -31,5 +31,7 @@ class Qwen3VLForConditionalGeneration(_stock.Qwen3VLForConditionalGeneration):
         if self._streampress is None:
             return super()._postprocess_video_embeds_evs(video_embeds_split, video_input)
         count = _count_fn(getattr(self, "video_pruning_method", "evs"))
-        with masks_replaced(_stock, _MASKS, self._streampress, count):
+        # the embeddings carry the DeepStack levels after the main ones: score the main ones
+        main = self.config.text_config.hidden_size
+        with masks_replaced(_stock, _MASKS, self._streampress, count, channels=main):
             return super()._postprocess_video_embeds_evs(video_embeds_split, video_input)
