@@ -74,7 +74,8 @@ def test_rehearsal_runs_every_step(tmp_path):
     prefill = steps["prefill"]["result"]["sessions"]
     assert [s["session"] for s in prefill][0] == "dense" and len(prefill) == 4
     assert all(s["ttft_ms_median"] > 0 for s in prefill)
-    assert {s["policy"] for s in steps["long_stream"]["result"]["summary"]} == {"full", "window", "retrieval"}
+    assert {s["policy"] for s in steps["long_stream"]["result"]["summary"]} == {"full", "window", "retrieval",
+                                                                                 "infinipot", "hermes"}
     assert steps["bench"]["result"]["runs"] and "| dense |" in steps["bench"]["result"]["markdown"]
     # The output folder is what the device tool brings back: at most 8 files, plain names, flat.
     files = sorted(p.name for p in out.iterdir())
