@@ -170,6 +170,7 @@ def test_a_hub_id_without_network_fails_fast_with_one_line(video, tmp_path):
 
 
 # ---------------------------------------------------------------------------- bench
+@pytest.mark.slow  # ~10 s: run by .ci/run's slow step
 def test_bench_tiny_writes_table_json_and_png_with_progress_lines(tmp_path):
     out = tmp_path / "report"
     proc = cli("bench", "--model", TINY, "--frames", "4", "--size", "56", "--method", "random,stc",

@@ -183,6 +183,7 @@ def test_random_7b_config_has_real_shapes():
         build_config("llava-onevision-7b", vocab_size=100)
 
 
+@pytest.mark.slow  # a real-size encoder: run by .ci/run's slow step
 def test_random_7b_builds_and_encodes_a_384_frame():
     # real layer shapes, cut to one block each and a small vocabulary (the 152064 x 3584
     # embedding and head would dominate the build time of this test)

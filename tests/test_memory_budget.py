@@ -253,7 +253,7 @@ def test_trigger_schedule_shapes_prefix_recent_and_gather_purity(arch):
     assert s.position_state.max_position + 1 == s.stats()["next_text_position"]
 
 
-@pytest.mark.parametrize("method", ["infinipot_v", "hermes"])
+@pytest.mark.parametrize("method", ["infinipot_v", pytest.param("hermes", marks=pytest.mark.slow)])  # ~4 s each
 @pytest.mark.parametrize("arch", ARCHS)
 def test_budget_never_exceeded_over_a_thousand_items(arch, method):
     m = model(arch)

@@ -40,7 +40,8 @@ def _missing() -> str | None:
     return None
 
 
-pytestmark = pytest.mark.skipif(_missing() is not None, reason=str(_missing()))
+pytestmark = [pytest.mark.skipif(_missing() is not None, reason=str(_missing())),
+              pytest.mark.slow]  # a real browser (~12 s): run by .ci/run's slow step
 
 
 @pytest.fixture(autouse=True)
