@@ -11,6 +11,7 @@ import os
 import sys
 from functools import partial
 
+from ..serve.config import Limits
 from . import model as model_arg
 from . import options
 
@@ -50,22 +51,24 @@ def add_parser(subparsers, common) -> None:
                    help="let clients create streams the server reads itself (files, URLs, cameras here)")
     g.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     g = p.add_argument_group("limits")
-    g.add_argument("--max-sessions", type=options.positive_int, default=16, metavar="N",
-                   help="streams open at once (default 16)")
-    g.add_argument("--idle-timeout", type=options.positive_float, default=300.0, metavar="SECONDS",
-                   help="close a stream idle this long and free its memory (default 300)")
-    g.add_argument("--queue-frames", type=options.positive_int, default=32, metavar="N",
-                   help="frames waiting per stream; beyond, the oldest waiting frame is dropped (default 32)")
-    g.add_argument("--max-frame-bytes", type=options.positive_int, default=8 * 1024 * 1024, metavar="BYTES",
-                   help="largest encoded frame (default 8 MiB)")
-    g.add_argument("--max-frame-pixels", type=options.positive_int, default=3840 * 2160, metavar="N",
-                   help="largest frame in pixels, width x height (default 3840x2160)")
-    g.add_argument("--max-push-rate", type=options.positive_float, default=60.0, metavar="FPS",
-                   help="frames a stream may send per second of wall-clock time (default 60)")
-    g.add_argument("--max-fps", type=options.positive_float, default=30.0, metavar="FPS",
-                   help="highest fps a stream may ask for (default 30)")
-    g.add_argument("--max-question-chars", type=options.positive_int, default=4000, metavar="N",
-                   help="longest question (default 4000 characters)")
+    d = Limits()  # the defaults live in one place: streampress.serve.config.Limits
+    g.add_argument("--max-sessions", type=options.positive_int, default=d.max_sessions, metavar="N",
+                   help=f"streams open at once (default {d.max_sessions})")
+    g.add_argument("--idle-timeout", type=options.positive_float, default=d.idle_timeout, metavar="SECONDS",
+                   help=f"close a stream idle this long and free its memory (default {d.idle_timeout:g})")
+    g.add_argument("--queue-frames", type=options.positive_int, default=d.queue_frames, metavar="N",
+                   help=f"frames waiting per stream; beyond, the oldest waiting frame is dropped "
+                        f"(default {d.queue_frames})")
+    g.add_argument("--max-frame-bytes", type=options.positive_int, default=d.max_frame_bytes, metavar="BYTES",
+                   help=f"largest encoded frame (default {d.max_frame_bytes // 2**20} MiB)")
+    g.add_argument("--max-frame-pixels", type=options.positive_int, default=d.max_frame_pixels, metavar="N",
+                   help=f"largest frame in pixels, width x height (default {d.max_frame_pixels})")
+    g.add_argument("--max-push-rate", type=options.positive_float, default=d.max_push_rate, metavar="FPS",
+                   help=f"frames a stream may send per second of wall-clock time (default {d.max_push_rate:g})")
+    g.add_argument("--max-fps", type=options.positive_float, default=d.max_fps, metavar="FPS",
+                   help=f"highest fps a stream may ask for (default {d.max_fps:g})")
+    g.add_argument("--max-question-chars", type=options.positive_int, default=d.max_question_chars, metavar="N",
+                   help=f"longest question (default {d.max_question_chars} characters)")
     p.set_defaults(func=main, check=partial(check, p))
 
 
@@ -85,11 +88,10 @@ def check(parser, args) -> None:
 
 
 def limits_of(args):
-    from streampress.serve import Limits
-
     return Limits(max_sessions=args.max_sessions, max_frame_bytes=args.max_frame_bytes,
                   max_frame_pixels=args.max_frame_pixels, max_push_rate=args.max_push_rate, max_fps=args.max_fps,
-                  max_question_chars=args.max_question_chars, max_new_tokens=max(512, args.max_new_tokens),
+                  max_question_chars=args.max_question_chars,
+                  max_new_tokens=max(Limits.max_new_tokens, args.max_new_tokens),
                   queue_frames=args.queue_frames, idle_timeout=args.idle_timeout)
 
 
