@@ -93,6 +93,9 @@ def drive(store, adapter, items: int, p: int, per_call: int = 1, seed: int = 0, 
             blocks.append(Block(t, t / 2, t / 2, start, p + text, pos, raster, grid))
             t += 1
         store.add_blocks(blocks)
+        moved = store.relocations
         store.after_add(t / 2)
+        if store.relocations != moved:  # positions re-indexed: go on right after the new top
+            cursor = store.position_top + 1
         cursor = max(cursor, store.position_floor or 0)  # as the session does
         yield t

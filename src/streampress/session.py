@@ -14,7 +14,10 @@ One session is one stream. Per :meth:`StreamingSession.add_frames` call:
 5. the memory policy records one block per item and may evict old ones (whole items, or,
    with :class:`streampress.BudgetMemory`, single tokens per layer and KV head); a store
    that placed a token at a new position (HERMES's summary token) sets
-   ``position_floor`` and the stream's next position moves up to it.
+   ``position_floor`` and the stream's next position moves up to it; a store that
+   re-indexed the cached positions (``BudgetMemory(reindex=...)``: left-compaction near
+   the model's position limit) counts it in ``relocations`` and the stream continues
+   right after ``position_top`` (:meth:`ModelAdapter.relocate`).
 
 :meth:`StreamingSession.ask` runs the question at ``max(all positions) + 1`` and a greedy
 loop with explicit positions, then removes the question and answer from the cache, so the
@@ -154,6 +157,7 @@ class StreamingSession:
         self._frame_hw: tuple[int, int] | None = None
         self._grid_hw: tuple[int, int] | None = None
         self._warned_positions = False
+        self._relocations = 0
         self._counts = dict(frames=0, items=0, visual_tokens_seen=0, visual_tokens_kept=0, questions=0,
                             encode_seconds=0.0, prune_seconds=0.0, prefill_seconds=0.0, answer_seconds=0.0,
                             watch_probes=0)
@@ -198,6 +202,10 @@ class StreamingSession:
         self._last_time = float(times[-1])
         self._counts["frames"] = self._counts["items"] * fpi + rest
         self._memory.after_add(self._last_time - (self._state.start_time or 0.0))
+        moved = getattr(self._memory, "relocations", 0)  # a store that re-indexed positions (BudgetMemory)
+        if moved != self._relocations:
+            self._state = self.model.relocate(self._state, self._memory.position_top)
+            self._relocations = moved
         floor = getattr(self._memory, "position_floor", None)  # a token a store placed (HERMES summary)
         if floor is not None and floor > self._state.max_position + 1:
             self._state = self._state.advanced(max_position=floor - 1,
@@ -224,7 +232,7 @@ class StreamingSession:
             setattr(self, name, value)
 
     _STREAM_ATTRS = ("_pending", "_pending_times", "_last_time", "_frame_hw", "_grid_hw", "_state", "_counts",
-                     "_last_grids", "_signals")
+                     "_last_grids", "_signals", "_relocations")
 
     @contextmanager
     def _undo_on_failure(self):

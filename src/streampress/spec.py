@@ -2,8 +2,8 @@
 
 A KV-memory setting is written ``full``, ``window:SECONDS``,
 ``retrieval:window=SECONDS,top_k=K[,block_items=N]``, ``infinipot:budget=N`` (also
-``infinipot_v:budget=N``) or ``hermes:budget=N`` (token budgets, :class:`streampress.BudgetMemory`)
-and read into a small spec dict
+``infinipot_v:budget=N``) or ``hermes:budget=N`` (token budgets, :class:`streampress.BudgetMemory`;
+optional ``,reindex=lazy|eager|off`` and, for InfiniPot-V, ``,pooling=off|code``) and read into a small spec dict
 (None for ``full``) that is stored in run configurations and turned into a policy object
 only where a session is built. This module imports no torch, so parsing stays instant.
 """
@@ -14,8 +14,10 @@ import math
 
 __all__ = ["MEMORY_FORMS", "parse_memory", "memory_text", "memory_policy"]
 
-MEMORY_FORMS = ("full, window:SECONDS, retrieval:window=SECONDS,top_k=K[,block_items=N], infinipot:budget=N "
-                "or hermes:budget=N")
+MEMORY_FORMS = ("full, window:SECONDS, retrieval:window=SECONDS,top_k=K[,block_items=N], "
+                "infinipot:budget=N[,reindex=lazy|eager|off][,pooling=off|code] "
+                "or hermes:budget=N[,reindex=lazy|eager|off]")
+_CHOICES = {"reindex": ("lazy", "eager", "off"), "pooling": ("off", "code")}
 _BUDGET_METHODS = {"infinipot": "infinipot_v", "infinipot_v": "infinipot_v", "hermes": "hermes"}
 
 
@@ -32,7 +34,8 @@ def parse_memory(text: str) -> dict | None:
     ``retrieval:window=S,top_k=K[,block_items=N]`` -> ``{"name": "retrieval",
     "window_seconds": S, "top_k": K, "block_items": N}``; ``infinipot:budget=N`` /
     ``hermes:budget=N`` -> ``{"name": "budget", "method": "infinipot_v" | "hermes",
-    "budget": N}``. ValueError (one line) otherwise."""
+    "budget": N}`` (plus ``"reindex"`` / ``"pooling"`` when given). ValueError (one line)
+    otherwise."""
     if not isinstance(text, str):
         raise ValueError(f"expected {MEMORY_FORMS}, got {text!r}")
     kind, colon, rest = text.strip().partition(":")
@@ -62,13 +65,21 @@ def parse_memory(text: str) -> dict | None:
         return {"name": "retrieval", "window_seconds": seconds, "top_k": top_k, "block_items": block_items}
     if kind in _BUDGET_METHODS:
         fields = dict(part.partition("=")[::2] for part in rest.split(",") if part)
-        unknown = sorted(set(fields) - {"budget"})
+        method = _BUDGET_METHODS[kind]
+        allowed = {"budget", "reindex"} | ({"pooling"} if method == "infinipot_v" else set())
+        unknown = sorted(set(fields) - allowed)
         if unknown or "budget" not in fields:
             bad(f"unknown key {unknown[0]!r}" if unknown else "budget= is required")
         budget = _number(fields["budget"], int)
         if budget is None or budget < 2:
             bad("budget must be an integer >= 2 (visual tokens per layer)")
-        return {"name": "budget", "method": _BUDGET_METHODS[kind], "budget": budget}
+        spec = {"name": "budget", "method": method, "budget": budget}
+        for key in ("reindex", "pooling"):
+            if key in fields:
+                if fields[key] not in _CHOICES[key]:
+                    bad(f"{key} must be one of {'|'.join(_CHOICES[key])}")
+                spec[key] = fields[key]
+        return spec
     return bad("unknown memory policy")
 
 
@@ -79,7 +90,8 @@ def memory_text(spec: dict | None) -> str:
     if spec["name"] == "window":
         return f"window:{spec['seconds']:g}"
     if spec["name"] == "budget":
-        return f"{'infinipot' if spec['method'] == 'infinipot_v' else 'hermes'}:budget={spec['budget']}"
+        extra = "".join(f",{key}={spec[key]}" for key in ("reindex", "pooling") if key in spec)
+        return f"{'infinipot' if spec['method'] == 'infinipot_v' else 'hermes'}:budget={spec['budget']}{extra}"
     return (f"retrieval:window={spec['window_seconds']:g},top_k={spec['top_k']},"
             f"block_items={spec['block_items']}")
 
@@ -92,7 +104,8 @@ def memory_policy(spec: dict | None):
     from .memory import BudgetMemory, RetrievalMemory, SlidingWindow
 
     if spec["name"] == "budget":
-        return BudgetMemory(spec["method"], budget=spec["budget"])
+        return BudgetMemory(spec["method"], budget=spec["budget"],
+                            **{key: spec[key] for key in ("reindex", "pooling") if key in spec})
 
     params = {k: v for k, v in spec.items() if k != "name"}
     return {"window": SlidingWindow, "retrieval": RetrievalMemory}[spec["name"]](**params)

@@ -35,7 +35,10 @@ bit for bit); :func:`rotary_delta` / :func:`rotate` turn a post-RoPE key by a po
 delta with the model's own rotary module (M-RoPE sections, contiguous or interleaved,
 come from the model), used for HERMES's summary token. A store that places a token at a
 new position (the summary) raises ``position_floor``; the session then starts the next
-token (and questions) at or after it, so no two live tokens share a position.
+token (and questions) at or after it, so no two live tokens share a position. Position
+re-indexing (``reindex``) is the one exception to "keys keep their positions": it turns
+every region key to its compacted position, counts ``relocations`` and sets
+``position_top``; the session then continues right after ``position_top``.
 
 Decisions where the spec leaves a choice are listed in :class:`BudgetMemory` and the
 README ("Memory policies"). The shared pieces (slot table, plan, TopK, rotary delta)
@@ -53,11 +56,14 @@ import torch
 from .base import Block, MemoryStore, _layers
 from .hermes import Hermes
 from .infinipot import InfiniPotV
-from .slots import Plan, SlotTable, kept_text, rotary_delta, rotate, stable_topk
+from .slots import Plan, SlotTable, compact_positions, kept_text, rotary_delta, rotate, stable_topk
 
 __all__ = ["BudgetMemory", "BudgetStore", "SlotTable", "rotary_delta", "rotate", "stable_topk"]
 
 METHODS = ("infinipot_v", "hermes")
+REINDEX = ("lazy", "eager", "off")
+POOLING = ("off", "code")
+REINDEX_MARGIN = 1024  # lazy re-indexing once positions pass max_context - this (P-HER, C-HER L174-182)
 
 
 # ---- the policy ------------------------------------------------------------------------------
@@ -78,6 +84,17 @@ class BudgetMemory:
     ``schedule``: ``"paper"`` (middle ``omega = 0.75 - 0.6 pi``) or ``"code"`` (``1 - 0.9 pi``);
     ``smoothing``: lambda of (shallow, middle, deep) layers; ``summary``: the deep layers'
     summary token; ``omega``: force one recency weight on every layer (oracle tests).
+    ``reindex`` (both methods): ``"lazy"`` (default; HERMES's streaming setting, and
+    InfiniPot-V's "original positions plus lazy compaction near the limit") compacts the
+    cached positions once the largest passes ``max_context - 1024``; ``"eager"`` after
+    every compression (HERMES's offline setting); ``"off"`` keeps original positions.
+    Compaction (KV_MEMORY.md 3.4 step 10, App. E.2 for M-RoPE): per layer and KV head,
+    each axis separately, a slot's position becomes ``P +`` its rank among the distinct
+    positions there (``P``: the prompt prefix's length; the prefix keeps its positions),
+    keys are turned by the delta (exact rotation), values untouched, and the stream goes on
+    right after the new largest position (Qwen2/2.5-VL start their video anew there).
+    ``pooling`` (InfiniPot-V): ``"off"`` (the released scripts) or ``"code"`` (the
+    official code's depth schedule of average pooling on VaN scores).
     Compression runs after each ``add_frames`` call once the budget is reached (feed one
     item per call for InfiniPot-V's exact item schedule)."""
 
@@ -91,6 +108,8 @@ class BudgetMemory:
     smoothing: tuple[float, float, float] = (0.1, 0.3, 0.4)
     summary: bool = True
     omega: float | None = None
+    reindex: str = "lazy"
+    pooling: str = "off"
     name: str = field(default="budget", init=False)
 
     def __post_init__(self):
@@ -119,6 +138,13 @@ class BudgetMemory:
             unit("smoothing", lam)
         if self.omega is not None:
             unit("omega", self.omega)
+        if self.reindex not in REINDEX:
+            raise ValueError(f"BudgetMemory reindex must be one of {', '.join(REINDEX)}, got {self.reindex!r}")
+        if self.pooling not in POOLING:
+            raise ValueError(f"BudgetMemory pooling must be one of {', '.join(POOLING)}, got {self.pooling!r}")
+        if self.pooling != "off" and self.method != "infinipot_v":
+            raise ValueError(f"BudgetMemory pooling is InfiniPot-V's (method='infinipot_v'), "
+                             f"got method={self.method!r}")
         if not isinstance(self.summary, bool):
             raise TypeError(f"BudgetMemory summary must be a bool, got {self.summary!r}")
         object.__setattr__(self, "smoothing", tuple(float(x) for x in self.smoothing))
@@ -140,6 +166,8 @@ class BudgetStore(MemoryStore):
         self.prefix: int | None = None
         self.fresh: list[Block] = []  # blocks appended since the last after_add
         self.position_floor: int | None = None
+        self.relocations = 0  # position re-indexings so far
+        self.position_top: int | None = None  # the largest live position after the last one
         self.max_position = -1  # over every token ingested (kept or not)
         self.compressions = 0
         self.compress_seconds = 0.0
@@ -151,7 +179,7 @@ class BudgetStore(MemoryStore):
         self.fresh = self.fresh + list(blocks)
 
     _MARKED = ("table", "prefix", "fresh", "position_floor", "max_position", "compressions", "compress_seconds",
-               "last_compress_seconds")
+               "last_compress_seconds", "relocations", "position_top")
 
     def mark(self) -> tuple:
         return super().mark(), {name: getattr(self, name) for name in self._MARKED}
@@ -175,10 +203,15 @@ class BudgetStore(MemoryStore):
         table, prefix, max_position = self._ingested()
         t0 = time.perf_counter()
         plan = self.method.plan(self, table, prefix, max_position)
-        if plan is None:
-            layers = None
-        else:
+        layers = None
+        if plan is not None:
             layers, table = self._gathered(table, prefix, plan)
+        floor = plan.position_floor if plan is not None else None
+        top = None
+        if self._reindex_due(table, max_position, floor, compressed=plan is not None):
+            current = layers or [(layer.keys, layer.values) for layer in _layers(self.cache)]
+            layers, table, top = self._reindexed(current, table, prefix)
+        if layers is not None:
             self._synchronize()
         seconds = time.perf_counter() - t0
         # Commit: nothing above changed the store.
@@ -186,17 +219,55 @@ class BudgetStore(MemoryStore):
         if layers is not None:
             for layer, (keys, values) in zip(_layers(self.cache), layers):
                 layer.keys, layer.values = keys, values
+        if plan is not None:
             present = set(table.item.unique().tolist())
             kept = [b for b in self.blocks if b.item in present]
             self.evicted_items += len(self.blocks) - len(kept)
             self.blocks = kept
             self.compressions += 1
+            if floor is not None:
+                self.position_floor = max(self.position_floor or 0, floor)
+        if layers is not None:
             self.compress_seconds += seconds
             self.last_compress_seconds = seconds
-            if plan.position_floor is not None:
-                self.position_floor = max(self.position_floor or 0, plan.position_floor)
+        if top is not None:
+            self.relocations += 1
+            self.position_top, self.position_floor, max_position = top, None, top
         self.table, self.prefix, self.max_position, self.fresh = table, prefix, max_position, []
         self.evicted_tokens += max(0, before - self.visual_count())
+
+    def _reindex_due(self, table: SlotTable, max_position: int, floor: int | None, compressed: bool) -> bool:
+        """Position re-indexing (KV_MEMORY.md 3.4 step 10): ``"eager"`` after every
+        compression; ``"lazy"`` once the next position would pass ``max_context - 1024``
+        (the largest position so far > the model's limit - 1024); never with ``"off"``."""
+        mode = self.policy.reindex
+        if mode == "off" or table.slots == 0:
+            return False
+        if mode == "eager":
+            return compressed
+        top = max(max_position, int(table.pos.max()), (floor or 0) - 1, (self.position_floor or 0) - 1)
+        return top > int(self.adapter.max_context) - REINDEX_MARGIN
+
+    def _reindexed(self, layers: list, table: SlotTable, prefix: int) -> tuple[list, SlotTable, int]:
+        """Keys turned to compacted positions (nothing installed): per (layer, KV head) and
+        per axis, each slot's position becomes ``prefix +`` its rank among the distinct
+        positions of that row (:func:`.slots.compact_positions`; the prompt prefix sits at
+        ``0 .. prefix - 1`` and keeps its positions); every key is rotated by its own
+        ``new - old`` (the model's rotary module, M-RoPE sections included); values are
+        unchanged. Returns the new (keys, values) per layer, the new table and the largest
+        new position (the session's next token goes right after it)."""
+        old = table.pos.to(torch.int64)
+        new = compact_positions(old, prefix)  # [L, H, P, V]
+        delta = new - old
+        out = []
+        for l, (keys, values) in enumerate(layers):
+            h, p, v = delta[l].shape
+            cos, sin = rotary_delta(self.adapter, delta[l].permute(1, 0, 2).reshape(p, h * v))
+            region = keys[0, :, prefix:prefix + v, :]
+            turned = rotate(region, cos.view(h, v, -1).to(region.device), sin.view(h, v, -1).to(region.device))
+            out.append((torch.cat([keys[..., :prefix, :], turned.to(keys.dtype)[None]], dim=2), values))
+        top = max(prefix - 1, int(new.max()))
+        return out, SlotTable(table.item, table.raster, new.to(table.pos.dtype)), top
 
     @staticmethod
     def _visual_in(block: Block) -> int:
@@ -277,7 +348,8 @@ class BudgetStore(MemoryStore):
         ``evicted_items``: blocks released; ``evicted_tokens``: visual slots removed per
         (layer, head), net of summaries) plus ``budget``, ``budget_method``,
         ``visual_slots`` (per layer and head now), ``slot_table_bytes`` (counted in the
-        device / CPU bytes), ``compressions``, ``compress_seconds``, ``last_compress_seconds``."""
+        device / CPU bytes), ``compressions``, ``reindexes`` (position re-indexings),
+        ``compress_seconds``, ``last_compress_seconds`` (re-indexing included)."""
         out = super().stats()
         table_bytes = self.table.nbytes() if self.table is not None else 0
         on_cpu = self.adapter.device.type == "cpu"
@@ -285,6 +357,7 @@ class BudgetStore(MemoryStore):
                     "cpu_bytes": out["kv_cache_bytes"] + table_bytes if on_cpu else 0,
                     "budget": self.policy.budget, "budget_method": self.policy.method,
                     "visual_slots": self.visual_count(), "slot_table_bytes": table_bytes,
-                    "compressions": self.compressions, "compress_seconds": self.compress_seconds,
+                    "compressions": self.compressions, "reindexes": self.relocations,
+                    "compress_seconds": self.compress_seconds,
                     "last_compress_seconds": self.last_compress_seconds})
         return out

@@ -26,8 +26,9 @@ largest coordinate of any kept slot + 1 (M-RoPE); the store's ``position_floor``
 moves the session's next position past it, so no two live tokens share a position. The
 trigger counts visual slots (not the prefix). Guidance prompts use no conversation
 history: a question leaves no trace (the session's contract), so compressions never
-depend on questions. Position re-indexing (lazy compaction near the model's limit) is not
-applied: positions stay original (:func:`compact_axis` computes the compaction).
+depend on questions. Position re-indexing (``reindex``: ``"lazy"``, the streaming default,
+compacts once positions pass the model's limit - 1024; ``"eager"`` at every compression;
+``"off"``) is the store's (:meth:`.budget.BudgetStore.after_add`).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ import torch
 from .slots import Plan, SlotTable, kept_text, minmax, rotary_delta, rotate, stable_topk, visual_slots
 
 __all__ = ["Hermes", "LayerRule", "layer_schedule", "guidance_prompts", "hermes_scores", "smooth",
-           "LOCAL_PROMPT", "GLOBAL_PROMPT", "compact_axis"]
+           "LOCAL_PROMPT", "GLOBAL_PROMPT"]
 
 LOCAL_PROMPT = ("Describe the current scene in detail, focusing on specific objects, fine-grained actions, "
                 "and spatial relationships.")
@@ -126,13 +127,6 @@ def hermes_scores(attention: Sequence[torch.Tensor | None], rules: Sequence[Laye
             s = s + (1 - rule.omega) * minmax(a.to(torch.float64), EPS)
         raw.append(s)
     return smooth(raw, [r.lam for r in rules])
-
-
-def compact_axis(positions: torch.Tensor, base: int) -> torch.Tensor:
-    """Left-compaction of one position axis (P-HER App. E): each value becomes ``base +``
-    its rank among the distinct values, so shared coordinates stay shared and order stays."""
-    values, inverse = torch.unique(positions, return_inverse=True)
-    return base + inverse
 
 
 class Hermes:

@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["SlotTable", "Plan", "rotary_delta", "rotate", "stable_topk", "minmax", "visual_slots", "kept_text"]
+__all__ = ["SlotTable", "Plan", "rotary_delta", "rotate", "stable_topk", "minmax", "visual_slots", "kept_text",
+           "compact_positions"]
 
 
 # ---- math helpers ----------------------------------------------------------------------------
@@ -54,6 +55,22 @@ def minmax(x: torch.Tensor, eps: float) -> torch.Tensor:
     """``(x - min) / (max - min + eps)`` along the last dim."""
     lo, hi = x.min(-1, keepdim=True).values, x.max(-1, keepdim=True).values
     return (x - lo) / (hi - lo + eps)
+
+
+def compact_positions(pos: torch.Tensor, base: int) -> torch.Tensor:
+    """Left-compaction of positions (P-HER 3.3 and App. E): along the last dim (the slots
+    of one row, e.g. one layer and KV head), each axis separately, every value becomes
+    ``base +`` its rank among the row's distinct values on that axis. Tokens that shared a
+    coordinate still share it, order on every axis is kept, and 1-D positions become
+    ``base, base + 1, ...`` in slot order. ``pos [..., V]`` int -> int64, same shape."""
+    v = pos.to(torch.int64)
+    if v.shape[-1] == 0:
+        return v.clone()
+    ordered, order = v.sort(dim=-1, stable=True)
+    step = torch.ones_like(ordered, dtype=torch.bool)
+    step[..., 1:] = ordered[..., 1:] != ordered[..., :-1]
+    dense = step.to(torch.int64).cumsum(-1) - 1
+    return torch.empty_like(dense).scatter_(-1, order, dense) + base
 
 
 # ---- the slot table --------------------------------------------------------------------------

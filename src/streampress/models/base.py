@@ -95,7 +95,11 @@ class PositionState:
     - ``num_items``: items laid out so far (the index of the next item).
     - ``start_time``: timestamp (seconds) of the stream's first frame, None before it.
     - ``video_start``: position where the stream's video began (Qwen2/2.5-VL lay the
-      whole stream out as one video starting there), None before the first item.
+      whole stream out as one video starting there), None before the first item (and
+      after a position re-indexing: the next item starts the video anew).
+    - ``video_time`` / ``video_item``: the stream time (seconds since the first frame)
+      and item index of the first item laid out from ``video_start`` (0 and 0 for the
+      stream's own start; Qwen2/2.5-VL measure temporal positions from them).
     """
 
     next_position: int = 0
@@ -103,6 +107,8 @@ class PositionState:
     num_items: int = 0
     start_time: float | None = None
     video_start: int | None = None
+    video_time: float = 0.0
+    video_item: int = 0
 
     def advanced(self, **changes) -> PositionState:
         return replace(self, **changes)
@@ -287,6 +293,13 @@ class ModelAdapter(ABC):
         extras in sequence order (``[N_visual, ...]``). ``logits``: "none" (prefill only),
         "last" (``[V]`` float32 logits of the last token) or "all" (``[L, V]``).
         """
+
+    def relocate(self, state: PositionState, top: int) -> PositionState:
+        """The state after a memory store moved every cached token's position (position
+        re-indexing): the largest live position is now ``top``; the next token goes right
+        after it. Families whose items' positions hang on an anchor other than the cursor
+        (Qwen2/2.5-VL's video start) override this to start a new anchor there."""
+        return state.advanced(next_position=top + 1, max_position=top)
 
     # ---- conveniences shared by all families -----------------------------------------
     def _text_run(self, state: PositionState, ids: Sequence[int]) -> tuple[TokenLayout, PositionState]:

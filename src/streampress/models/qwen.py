@@ -215,11 +215,14 @@ class QwenAdapter(ModelAdapter):
         cols = torch.arange(ww).repeat(hh)
         if not self._qwen3:
             items = torch.arange(state.num_items, state.num_items + n)
-            start = state.next_position if state.video_start is None else state.video_start
+            if state.video_start is None:  # the video (re)starts here: the stream's start, or after re-indexing
+                state = state.advanced(video_start=state.next_position, video_time=float(frame_times[0, 0]),
+                                       video_item=state.num_items)
+            start = state.video_start
             if self.family == "qwen2_5_vl":
-                dt = (frame_times[:, 0].to(torch.float64) * self.tokens_per_second).long()
+                dt = ((frame_times[:, 0].to(torch.float64) - state.video_time) * self.tokens_per_second).long()
             else:
-                dt = items
+                dt = items - state.video_item
             pos = torch.stack([
                 dt.repeat_interleave(hh * ww) + start,
                 rows.repeat(n) + start,
@@ -231,8 +234,7 @@ class QwenAdapter(ModelAdapter):
                 visual_index=torch.arange(n * hh * ww),
                 item=items.repeat_interleave(hh * ww))
             top = max(state.max_position, int(pos.max()))
-            return layout, state.advanced(next_position=top + 1, max_position=top, num_items=state.num_items + n,
-                                          video_start=start)
+            return layout, state.advanced(next_position=top + 1, max_position=top, num_items=state.num_items + n)
         # Qwen3-VL: timestamp text + <|vision_start|> + tokens + <|vision_end|> per item.
         mid = (frame_times[:, 0] + frame_times[:, -1]).to(torch.float64) / 2
         vis_start, vis_end = self._ids["<|vision_start|>"], self._ids["<|vision_end|>"]
@@ -255,6 +257,13 @@ class QwenAdapter(ModelAdapter):
         return layout, state.advanced(next_position=cursor, max_position=max(state.max_position, cursor - 1),
                                       num_items=state.num_items + n, video_start=state.video_start
                                       if state.video_start is not None else state.next_position)
+
+    def relocate(self, state: PositionState, top: int) -> PositionState:
+        """After position re-indexing: the next item starts the video anew right after
+        ``top`` (Qwen2/2.5-VL anchor every item at the video's start; Qwen3-VL lays each
+        item out at the cursor)."""
+        return state.advanced(next_position=top + 1, max_position=top,
+                              video_start=state.video_start if self._qwen3 else None)
 
     def question_ids(self, question: str, has_video: bool = True) -> list[int]:
         return self.tokenize(self._question.format(question=question))
