@@ -155,13 +155,17 @@ def _frames(model, count: int = 8, seed: int = 0) -> np.ndarray:
 
 
 def _configs():
-    from streampress import RetrievalMemory
+    from streampress import BudgetMemory, RetrievalMemory
 
     return {
         "dense": lambda: {},
         "pruned": lambda: {"pruner": streampress.create_pruner("streaming_assistant", keep_ratio=0.5)},
         "cacher": lambda: {"cacher": streampress.create_cacher(rho=0.5, interval=2)},
         "retrieval": lambda: {"memory": RetrievalMemory(window_seconds=1.0, top_k=1)},
+        # token budgets: per-layer (and per-head) gathers, the guidance forward, the summary
+        # token's rotation and position re-indexing on the device
+        "infinipot": lambda: {"memory": BudgetMemory("infinipot_v", budget=16, reindex="eager", pooling="code")},
+        "hermes": lambda: {"memory": BudgetMemory("hermes", budget=10, reindex="eager")},
     }
 
 
@@ -175,14 +179,20 @@ def _run(model, kind: str, frames: np.ndarray):
     return session
 
 
-@pytest.mark.parametrize("kind", ["dense", "pruned", "cacher", "retrieval"])
+@pytest.mark.parametrize("kind", ["dense", "pruned", "cacher", "retrieval", "infinipot", "hermes"])
 def test_session_fp32_matches_cpu(kind, record_property):
     cpu_model, dev_model = _pair("float32")
-    frames = _frames(cpu_model)
+    frames = _frames(cpu_model, count=16 if kind in ("infinipot", "hermes") else 8)
     a, b = _run(cpu_model, kind, frames), _run(dev_model, kind, frames)
     sa, sb = a.stats(), b.stats()
     for key in ("items", "visual_tokens_kept", "kv_cache_tokens"):
         assert sa[key] == sb[key], key
+    if kind in ("infinipot", "hermes"):  # the same tokens kept in every layer and head, same positions
+        assert sa["compressions"] >= 2 and sa["reindexes"] == sa["compressions"] == sb["compressions"]
+        ta, tb = a.memory.table, b.memory.table
+        for name in ("item", "raster", "pos"):
+            assert torch.equal(getattr(tb, name).cpu(), getattr(ta, name)), name
+        assert a.position_state == b.position_state
     la, lb = a.question_logits(QUESTION), b.question_logits(QUESTION)
     assert bool(torch.isfinite(lb).all())
     err = _rel(lb, la)
