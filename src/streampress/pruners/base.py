@@ -145,6 +145,8 @@ class Pruner:
         if T == 0:
             return torch.zeros((0, H, W), dtype=torch.bool, device=x.device)
         keep, state = self._prune(x, self._state)
+        if sync_free(x):  # the check the scoring deferred (see ``sync_free``)
+            check_finite_after(x)
         # Commit only after the method returned: a failing call changes nothing.
         self._state = state
         self._stream_shape = (H, W, D)
@@ -162,6 +164,8 @@ class Pruner:
         if T == 0:
             return torch.zeros((0, H, W), dtype=torch.bool, device=x.device)
         keep, state = self._prune_exact(x, self._state, total)
+        if sync_free(x):
+            check_finite_after(x)
         self._state = state
         self._stream_shape = (H, W, D)
         self._grids_seen += T
@@ -320,6 +324,28 @@ class ThresholdPruner(ScorePruner):
 
 
 # --------------------------------------------------------------------- helpers
+def sync_free(x: torch.Tensor) -> bool:
+    """Whether scoring ``x`` must not read a value back from its device: True off the CPU.
+
+    On an accelerator, ``bool(tensor)`` in the per-frame path waits for every queued kernel,
+    and it makes the call impossible to capture as a CUDA graph or to compile as one graph
+    (``torch.compile``): the fast paths of a per-frame call. There the scoring takes no
+    data-dependent branch: the rare power-of-two rescale of out-of-range grids is applied
+    through ``torch.where`` (a factor of exactly 1 otherwise, so the masks are bit for bit
+    those of the branching CPU path), ``require_finite`` defers, and ``Pruner.__call__``
+    checks finiteness once after the method returned (``check_finite_after``), before the
+    state is committed. On the CPU a read-back costs nothing, so the branches stay (they
+    skip the rescale pass).
+    """
+    return x.device.type != "cpu"
+
+
+def check_finite_after(x: torch.Tensor) -> None:
+    """The deferred finiteness check of a sync-free call: one reduction, one read-back."""
+    if not bool(torch.isfinite(grid_peak(x)).all()):
+        check_finite(x)
+
+
 def require_finite(reduction: torch.Tensor, grids: torch.Tensor) -> None:
     """Raise ValueError unless ``grids`` is all finite.
 
@@ -327,9 +353,10 @@ def require_finite(reduction: torch.Tensor, grids: torch.Tensor) -> None:
     per-channel means, ``grid_peak``): NaN and inf propagate through it, so it is all finite
     only if ``grids`` is. Checking it costs two small ops, whereas ``isfinite(grids)`` is a
     full pass over the grids (milliseconds at 16x16x3584). Only when it is not finite does
-    the full check run, to say what is wrong.
+    the full check run, to say what is wrong. Off the CPU the check is deferred to
+    ``Pruner.__call__`` (see ``sync_free``).
     """
-    if bool(torch.isfinite(reduction).all()):
+    if sync_free(grids) or bool(torch.isfinite(reduction).all()):
         return
     check_finite(grids)
     raise ValueError(
@@ -346,9 +373,21 @@ def check_finite(grids: torch.Tensor) -> None:
         raise ValueError(f"grids must be finite: grid {t} of this call contains NaN or inf values")
 
 
+def all_in_safe_range(scale: torch.Tensor) -> torch.Tensor:
+    """0-dim bool tensor: every grid's ``scale [T]`` (finite, nonzero) lies in ``SAFE_SCALE``."""
+    return ((scale >= SAFE_SCALE[0]) & (scale <= SAFE_SCALE[1])).all()
+
+
 def in_safe_range(scale: torch.Tensor) -> bool:
     """True if every grid's ``scale [T]`` (finite, nonzero) lies in ``SAFE_SCALE``."""
-    return bool(((scale >= SAFE_SCALE[0]) & (scale <= SAFE_SCALE[1])).all())
+    return bool(all_in_safe_range(scale))
+
+
+def rescale_factors(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Branch-free form of "if not in_safe_range(scale): rescale every grid of ``x``": per
+    grid ``[T]`` float32, ``grid_scale(x)`` when some grid's ``scale`` is out of range, else
+    exactly 1 (``sync_free`` devices)."""
+    return torch.where(all_in_safe_range(scale), 1.0, grid_scale(x))
 
 
 def grid_peak(x: torch.Tensor) -> torch.Tensor:
@@ -392,7 +431,11 @@ def unit_tokens(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tenso
     """
     norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
     peak = norms.flatten(1).amax(dim=1)  # [T]; NaN or inf if x is not finite or overflows
-    if not in_safe_range(peak):  # rare: tiny, huge, all-zero or non-finite grids
+    if sync_free(x):  # the same rescale without a branch (x 1 exactly when in range)
+        x = torch.mul(x, rescale_factors(x, peak).view((-1,) + (1,) * (x.dim() - 1)), out=out)
+        norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+        peak = norms.flatten(1).amax(dim=1)
+    elif not in_safe_range(peak):  # rare: tiny, huge, all-zero or non-finite grids
         check_finite(x)
         x = torch.mul(x, grid_scale(x).view((-1,) + (1,) * (x.dim() - 1)), out=out)
         norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True)

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import torch
 
+from . import base as _base
 from .base import (
     NORM_EPS,
     TINY,
@@ -48,6 +49,7 @@ from .base import (
     grid_scale,
     in_safe_range,
     require_finite,
+    rescale_factors,
 )
 
 KERNEL_ALPHAS = (1 / 8, 1 / 4, 1 / 2, 1.0, 2.0)
@@ -167,7 +169,12 @@ class STCPruner(ScorePruner):
         mean, var = token_statistics(z, work)
         raw_mean = mean
         rms = (var + mean.square()).sum(dim=-1).sqrt()  # RMS token norm; inf if squares overflow
-        if not in_safe_range(rms):  # rare: tiny, huge, all-zero or non-finite grids
+        if _base.sync_free(x):  # the same rescale without a branch (x 1 exactly when in range)
+            scale = rescale_factors(z, rms)
+            z = z * scale.view(T, 1, 1)
+            mean, var = token_statistics(z, work)
+            raw_mean = mean.to(_stream_dtype(x.device)) / scale.to(_stream_dtype(x.device)).unsqueeze(1)
+        elif not in_safe_range(rms):  # rare: tiny, huge, all-zero or non-finite grids
             require_finite(mean, x)  # a mean does not overflow: this catches NaN and inf
             scale = grid_scale(z)
             z = z * scale.view(T, 1, 1)  # exact: same directions, squares now fit float32
@@ -187,8 +194,10 @@ class STCPruner(ScorePruner):
         T, D = mean.shape
         dtype = _stream_dtype(mean.device)
         means = mean.to(dtype)
-        count = 0 if state is None else state[1]
-        counts = torch.arange(count + 1, count + T + 1, device=mean.device, dtype=dtype)
+        # The count of grids seen is a tensor, so that a call reads nothing back and a CUDA
+        # graph or a compiled graph replays it (a Python int would change every call).
+        count = torch.zeros((), device=mean.device, dtype=dtype) if state is None else state[1].to(mean.device)
+        counts = count + torch.arange(1, T + 1, device=mean.device, dtype=dtype)
         if self.window is None:
             carried = (
                 torch.zeros((1, D), device=mean.device, dtype=dtype) if state is None else state[0].to(mean.device)
