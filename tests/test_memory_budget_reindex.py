@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from _budget_helpers import ARCHS, LLAVA, QWEN3, QWEN25, Q, budget_session, drive, feed, model, store_fingerprint, video
-from _session_helpers import assert_same
+from _session_helpers import assert_same, fingerprint
 from streampress.memory import BudgetMemory
 from streampress.memory import budget as budget_module
 from streampress.memory.retrieval import unrotate
@@ -240,5 +240,94 @@ def test_reindex_and_pooling_settings():
     assert memory_text(parse_memory("hermes:budget=40,reindex=eager")) == "hermes:budget=40,reindex=eager"
     for bad, why in [("hermes:budget=8,pooling=code", "unknown key 'pooling'"),
                      ("hermes:budget=8,reindex=soon", "reindex must be one of lazy|eager|off")]:
+        with pytest.raises(ValueError, match=why):
+            parse_memory(bad)
+
+
+# ---- the sliding window re-indexes too (whole items) -------------------------------------------------
+@pytest.mark.parametrize("arch", ARCHS)
+def test_window_eager_reindexing_against_a_twin_that_never_moves(arch):
+    """SlidingWindow(reindex="eager"): after the first eviction the cached items sit at the
+    per-axis rank map of the positions a never-re-indexing twin keeps, with the same keys
+    before RoPE and the same values; the next item goes right after the new top."""
+    from streampress.memory import SlidingWindow
+
+    m = model(arch)
+    s = budget_session(arch, SlidingWindow(seconds=2.0, reindex="eager"))
+    twin = budget_session(arch, SlidingWindow(seconds=2.0, reindex="off"))
+    per = m.frames_per_item
+    frames = video(m, 10 * per, seed=7)
+    k = 0
+    while s.memory.relocations == 0:
+        feed(s, frames[k * per:(k + 1) * per], per, start=k * per)
+        feed(twin, frames[k * per:(k + 1) * per], per, start=k * per)
+        k += 1
+    a, b = s.memory, twin.memory
+    assert a.relocations == 1 and a.evicted_items == b.evicted_items > 0
+    assert [x.item for x in a.blocks] == [x.item for x in b.blocks]
+    prefix = a.prefix
+    old = torch.cat([x.positions for x in b.blocks], 1)
+    new = torch.cat([x.positions for x in a.blocks], 1)
+    for axis in range(old.shape[0]):
+        assert new[axis].tolist() == rank_map(old[axis].tolist(), prefix)
+    assert s.position_state.max_position == a.position_top == max(prefix - 1, int(new.max()))
+    cos_o, sin_o = m.rotary(old)
+    cos_n, sin_n = m.rotary(new)
+    for la, lb in zip(a.cache.layers, b.cache.layers):
+        assert torch.equal(la.values, lb.values) and torch.equal(la.keys[..., :prefix, :], lb.keys[..., :prefix, :])
+        assert torch.allclose(unrotate(la.keys[0, :, prefix:], cos_n, sin_n),
+                              unrotate(lb.keys[0, :, prefix:], cos_o, sin_o), atol=1e-5)
+    for j in range(k, k + 3):  # eager: every eviction compacts again; time order and density hold
+        feed(s, frames[j * per:(j + 1) * per], per, start=j * per)
+        blocks = s.memory.blocks
+        pos = torch.cat([x.positions for x in blocks], 1)
+        assert s.memory.relocations == 1 + j - k + 1 and torch.equal(compact_positions(pos, prefix), pos)
+        assert int(blocks[-1].positions[0].min()) > int(blocks[-2].positions[0].max())
+        if arch == LLAVA:  # 1-D: prefix, prefix + 1, ... over the cached items
+            assert pos[0].tolist() == list(range(prefix, prefix + pos.shape[1]))
+        assert s.position_state.max_position == int(pos.max())
+
+
+def test_window_lazy_reindexing_keeps_a_long_stream_within_the_limit(monkeypatch):
+    from streampress.memory import SlidingWindow
+
+    s = budget_session(LLAVA, SlidingWindow(seconds=1.0))
+    monkeypatch.setattr(s.model, "max_context", 1024 + 80)
+    frames = video(s.model, 40, seed=8)
+    fired = []
+    for k in range(40):
+        moved = s.memory.relocations
+        s.add_frames(frames[k:k + 1], [k / 2.0])
+        top = s.position_state.max_position
+        if s.memory.relocations == moved:
+            assert top <= 80  # below the limit - 1024: nothing moves
+        else:
+            fired.append(k)
+            assert top == s.memory.length() - 1 < 80  # compacted: prefix, then the cached items, no gap
+    assert len(fired) >= 3 and fired[1] - fired[0] > 1  # lazy: only when the limit is near
+    assert s.stats()["reindexes"] == len(fired)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        before = fingerprint(s)
+        s.ask(Q, max_new_tokens=2)
+    after = fingerprint(s)
+    after["stats"].pop("questions"), before["stats"].pop("questions")
+    assert_same(after, before)
+
+
+def test_window_text_form_and_validation():
+    from streampress.memory import SlidingWindow
+    from streampress.spec import memory_policy, memory_text, parse_memory
+
+    assert SlidingWindow(seconds=5).reindex == "lazy"
+    with pytest.raises(ValueError, match="reindex must be one of"):
+        SlidingWindow(seconds=5, reindex="never")
+    assert parse_memory("window:30") == {"name": "window", "seconds": 30.0}
+    spec = parse_memory("window:30,reindex=off")
+    assert spec == {"name": "window", "seconds": 30.0, "reindex": "off"}
+    assert memory_text(spec) == "window:30,reindex=off"
+    assert memory_policy(spec) == SlidingWindow(seconds=30.0, reindex="off")
+    for bad, why in [("window:30,reindex=soon", "reindex must be one of"),
+                     ("window:30,top_k=2", "unknown key 'top_k'")]:
         with pytest.raises(ValueError, match=why):
             parse_memory(bad)

@@ -461,7 +461,8 @@ class StreamingSession:
             # was never trained there. Say so once per stream rather than refuse to answer.
             self._warned_positions = True
             warnings.warn(f"positions up to {needed} exceed the model's trained context "
-                          f"({self.model.max_context}); answers may degrade on streams this long",
+                          f"({self.model.max_context}); answers may degrade on streams this long (SlidingWindow "
+                          f"and BudgetMemory re-index positions near the limit: reindex='lazy')",
                           RuntimeWarning, stacklevel=3)
         return ids
 

@@ -1,6 +1,6 @@
 """Text forms of the settings that the command line, the evaluation harness and the server share.
 
-A KV-memory setting is written ``full``, ``window:SECONDS``,
+A KV-memory setting is written ``full``, ``window:SECONDS[,reindex=lazy|eager|off]``,
 ``retrieval:window=SECONDS,top_k=K[,block_items=N]``, ``infinipot:budget=N`` (also
 ``infinipot_v:budget=N``) or ``hermes:budget=N`` (token budgets, :class:`streampress.BudgetMemory`;
 optional ``,reindex=lazy|eager|off`` and, for InfiniPot-V, ``,pooling=off|code``) and read into a small spec dict
@@ -14,7 +14,7 @@ import math
 
 __all__ = ["MEMORY_FORMS", "parse_memory", "memory_text", "memory_policy"]
 
-MEMORY_FORMS = ("full, window:SECONDS, retrieval:window=SECONDS,top_k=K[,block_items=N], "
+MEMORY_FORMS = ("full, window:SECONDS[,reindex=lazy|eager|off], retrieval:window=SECONDS,top_k=K[,block_items=N], "
                 "infinipot:budget=N[,reindex=lazy|eager|off][,pooling=off|code] "
                 "or hermes:budget=N[,reindex=lazy|eager|off]")
 _CHOICES = {"reindex": ("lazy", "eager", "off"), "pooling": ("off", "code")}
@@ -30,7 +30,8 @@ def _number(text: str, kind=float):
 
 
 def parse_memory(text: str) -> dict | None:
-    """``full`` -> None; ``window:SECONDS`` -> ``{"name": "window", "seconds": S}``;
+    """``full`` -> None; ``window:SECONDS`` -> ``{"name": "window", "seconds": S}`` (plus
+    ``"reindex"`` when given);
     ``retrieval:window=S,top_k=K[,block_items=N]`` -> ``{"name": "retrieval",
     "window_seconds": S, "top_k": K, "block_items": N}``; ``infinipot:budget=N`` /
     ``hermes:budget=N`` -> ``{"name": "budget", "method": "infinipot_v" | "hermes",
@@ -46,9 +47,20 @@ def parse_memory(text: str) -> dict | None:
     if kind == "full" and not colon:
         return None
     if kind == "window":
-        seconds = _number(rest)
-        return {"name": "window", "seconds": seconds} if seconds and seconds > 0 else bad(
-            "the window must be seconds > 0")
+        head, _, tail = rest.partition(",")
+        seconds = _number(head)
+        if not (seconds and seconds > 0):
+            bad("the window must be seconds > 0")
+        spec = {"name": "window", "seconds": seconds}
+        if tail:
+            fields = dict(part.partition("=")[::2] for part in tail.split(",") if part)
+            unknown = sorted(set(fields) - {"reindex"})
+            if unknown:
+                bad(f"unknown key {unknown[0]!r}")
+            if fields["reindex"] not in _CHOICES["reindex"]:
+                bad(f"reindex must be one of {'|'.join(_CHOICES['reindex'])}")
+            spec["reindex"] = fields["reindex"]
+        return spec
     if kind == "retrieval":
         fields = dict(part.partition("=")[::2] for part in rest.split(",") if part)
         unknown = sorted(set(fields) - {"window", "top_k", "block_items"})
@@ -88,7 +100,7 @@ def memory_text(spec: dict | None) -> str:
     if not spec:
         return "full"
     if spec["name"] == "window":
-        return f"window:{spec['seconds']:g}"
+        return f"window:{spec['seconds']:g}" + (f",reindex={spec['reindex']}" if "reindex" in spec else "")
     if spec["name"] == "budget":
         extra = "".join(f",{key}={spec[key]}" for key in ("reindex", "pooling") if key in spec)
         return f"{'infinipot' if spec['method'] == 'infinipot_v' else 'hermes'}:budget={spec['budget']}{extra}"
