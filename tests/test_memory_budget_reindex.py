@@ -331,3 +331,29 @@ def test_window_text_form_and_validation():
                      ("window:30,top_k=2", "unknown key 'top_k'")]:
         with pytest.raises(ValueError, match=why):
             parse_memory(bad)
+
+
+def test_window_failed_reindexing_is_undone_whole(monkeypatch):
+    from streampress.memory import SlidingWindow
+    from streampress.memory import window as window_module
+
+    m = model(QWEN25)
+    frames = video(m, 12, seed=9)
+    clean = budget_session(QWEN25, SlidingWindow(seconds=1.5, reindex="eager"))
+    feed(clean, frames, 2)
+    s = budget_session(QWEN25, SlidingWindow(seconds=1.5, reindex="eager"))
+    feed(s, frames[:4], 2)
+    before = fingerprint(s)
+
+    def failing(*a, **k):
+        raise MemoryError("injected")
+
+    monkeypatch.setattr(window_module, "rotary_delta", failing)
+    with pytest.raises(MemoryError):
+        feed(s, frames[4:8], 4, start=4)  # evicts, then fails while re-indexing
+    monkeypatch.undo()
+    assert_same(fingerprint(s), before)
+    feed(s, frames[4:], 2, start=4)
+    assert s.memory.relocations == clean.memory.relocations >= 2
+    assert_same(fingerprint(s), fingerprint(clean))
+    assert torch.equal(s.question_logits(Q), clean.question_logits(Q))
