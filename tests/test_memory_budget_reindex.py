@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+import streampress
 from _budget_helpers import ARCHS, LLAVA, QWEN3, QWEN25, Q, budget_session, drive, feed, model, store_fingerprint, video
 from _session_helpers import assert_same, fingerprint
 from streampress.memory import BudgetMemory
@@ -245,16 +246,23 @@ def test_reindex_and_pooling_settings():
 
 
 # ---- the sliding window re-indexes too (whole items) -------------------------------------------------
-@pytest.mark.parametrize("arch", ARCHS)
-def test_window_eager_reindexing_against_a_twin_that_never_moves(arch):
+@pytest.mark.parametrize("arch, pruned", [(a, False) for a in ARCHS] + [(QWEN25, True), (LLAVA, True)])
+def test_window_eager_reindexing_against_a_twin_that_never_moves(arch, pruned):
     """SlidingWindow(reindex="eager"): after the first eviction the cached items sit at the
-    per-axis rank map of the positions a never-re-indexing twin keeps, with the same keys
-    before RoPE and the same values; the next item goes right after the new top."""
+    per-axis rank map of the positions a never-re-indexing twin keeps (pruned tokens leave
+    gaps that close), with the same keys before RoPE and the same values; later items keep
+    time order and the positions stay dense."""
     from streampress.memory import SlidingWindow
+    from streampress.session import StreamingSession
 
     m = model(arch)
-    s = budget_session(arch, SlidingWindow(seconds=2.0, reindex="eager"))
-    twin = budget_session(arch, SlidingWindow(seconds=2.0, reindex="off"))
+
+    def make(reindex):
+        pruner = streampress.create_pruner("streaming_assistant", keep_ratio=0.5) if pruned else None
+        return StreamingSession(model(arch, "sdpa", None), pruner=pruner,
+                                memory=SlidingWindow(seconds=2.0, reindex=reindex))
+
+    s, twin = make("eager"), make("off")
     per = m.frames_per_item
     frames = video(m, 10 * per, seed=7)
     k = 0
