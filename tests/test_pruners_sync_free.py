@@ -119,7 +119,7 @@ def test_non_finite_grids_fail_the_same_way_and_leave_no_trace(name, params, dev
 
 
 @pytest.mark.parametrize("name", ["streaming_assistant", "stc", "dtd"])
-def test_state_is_tensors_only_and_the_call_compiles_as_one_graph(name, device_path, monkeypatch):
+def test_state_is_tensors_only_and_the_call_compiles_as_one_graph(name, device_path):
     import torch._dynamo
 
     p = streampress.create_pruner(name)
@@ -138,15 +138,15 @@ def test_state_is_tensors_only_and_the_call_compiles_as_one_graph(name, device_p
     walk(p._state)
     assert leaves and all(isinstance(v, torch.Tensor) or v is None for v in leaves), leaves
     torch._dynamo.reset()
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
     fn = torch.compile(lambda x, s: p._prune(x, s), backend="eager", fullgraph=True)
     want = streampress.create_pruner(name)
     for g in stream[:2]:
         want(g)
     state = p._state
     try:
-        for g in stream[2:]:
-            keep, state = fn(p._validated(g), state)
-            assert torch.equal(keep, want(g))
+        with torch._dynamo.config.patch(error_on_recompile=True):  # one graph for every grid
+            for g in stream[2:]:
+                keep, state = fn(p._validated(g), state)
+                assert torch.equal(keep, want(g))
     finally:
         torch._dynamo.reset()
