@@ -10,7 +10,8 @@ slot tables of the budget policies included), the mean wall time per item, and f
 budget policies the number of compressions, their mean time and that time as a fraction
 of the mean per-item time. Two more rows run both budget policies with ``reindex="eager"``
 (positions re-indexed after every compression; the default ``"lazy"`` never fires in a
-stream this short), so the difference in time per compression is the re-indexing's cost.
+stream this short), so the difference in time per compression is the re-indexing's cost,
+and one runs HERMES with ``chunk_frames=16`` (the paper's chunk: one budget check per 8 items).
 
     python benchmarks/budget_memory.py                      # 600 items (20 min of video)
     python benchmarks/budget_memory.py --items 200 --budget 512 --json out.json
@@ -63,6 +64,8 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--json", default=None)
+    p.add_argument("--only", nargs="+", default=None, metavar="PREFIX",
+                   help="run only the rows whose memory text starts with one of these (e.g. full hermes)")
     p.add_argument("--no-reindex", dest="reindex", action="store_false",
                    help="skip the two rows with eager position re-indexing")
     args = p.parse_args()
@@ -74,11 +77,16 @@ def main() -> None:
     policies = {"full": "full", f"window:{args.window:g}": SlidingWindow(seconds=args.window),
                 f"infinipot:budget={args.budget}": BudgetMemory("infinipot_v", budget=args.budget),
                 f"hermes:budget={args.budget}": BudgetMemory("hermes", budget=args.budget)}
+    # the paper's chunk: the budget checked once per 16 frames (8 items) instead of after every call
+    policies[f"hermes:budget={args.budget},chunk_frames=16"] = BudgetMemory("hermes", budget=args.budget,
+                                                                            chunk_frames=16)
     if args.reindex:  # every compression followed by position re-indexing: its cost is the difference
         policies.update({f"infinipot:budget={args.budget},reindex=eager":
                          BudgetMemory("infinipot_v", budget=args.budget, reindex="eager"),
                          f"hermes:budget={args.budget},reindex=eager":
                          BudgetMemory("hermes", budget=args.budget, reindex="eager")})
+    if args.only:
+        policies = {name: pol for name, pol in policies.items() if any(name.startswith(o) for o in args.only)}
     rows = {name: run(model, pol, frames, args.items) for name, pol in policies.items()}
     env = {"device": f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads",
            "torch": torch.__version__, "items": args.items, "tokens_per_item": 16}

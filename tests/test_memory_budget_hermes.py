@@ -229,3 +229,46 @@ def test_budget_reached_exactly_does_not_compress():
     assert s.memory.compressions == 0 and s.memory.visual_count() == 8
     feed(s, video(m, 2, seed=6), 2, start=4)
     assert s.memory.compressions == 1 and s.memory.visual_count() == 8
+
+
+def test_chunk_frames_checks_once_per_chunk_and_equals_feeding_the_chunk_at_once():
+    """``chunk_frames=8`` with one temporal patch per call (Qwen: 2 frames) checks the budget
+    after every 4th call only, and then keeps what a session fed the same 8 frames in one
+    call keeps (the same slots in every layer; caches equal to rounding)."""
+    arch = QWEN25
+    m = model(arch)
+    frames = video(m, 24, seed=11)
+    chunked, whole = budget_session(arch, hermes(12, chunk_frames=8)), budget_session(arch, hermes(12))
+    for k in range(0, 24, 8):
+        for j in range(k, k + 8, 2):
+            before = chunked.memory.compressions
+            feed(chunked, frames[j:j + 2], 2, start=j)
+            if j + 2 < k + 8:
+                assert chunked.memory.compressions == before and chunked.memory.unchecked_frames == j + 2 - k
+        feed(whole, frames[k:k + 8], 8, start=k)
+        a, b = chunked.memory, whole.memory
+        assert a.compressions == b.compressions and a.unchecked_frames == 0
+        for name in ("item", "raster", "pos"):
+            assert torch.equal(getattr(a.table, name), getattr(b.table, name)), (k, name)
+        for la, lb in zip(a.cache.layers, b.cache.layers):
+            assert torch.allclose(la.keys, lb.keys, atol=1e-9) and torch.allclose(la.values, lb.values, atol=1e-9)
+    assert whole.memory.compressions >= 2
+    assert torch.allclose(chunked.question_logits(Q), whole.question_logits(Q), atol=1e-9)
+
+
+def test_chunk_frames_settings():
+    from streampress.spec import memory_policy, memory_text, parse_memory
+
+    for bad in [dict(chunk_frames=0), dict(chunk_frames=2.5), dict(chunk_frames=True)]:
+        with pytest.raises(ValueError, match="chunk_frames must be None or an int >= 1"):
+            hermes(8, **bad)
+    with pytest.raises(ValueError, match="chunk_frames is HERMES's"):
+        BudgetMemory("infinipot_v", budget=64, chunk_frames=16)
+    spec = parse_memory("hermes:budget=4000,chunk_frames=16")
+    assert spec == {"name": "budget", "method": "hermes", "budget": 4000, "chunk_frames": 16}
+    assert memory_text(spec) == "hermes:budget=4000,chunk_frames=16"
+    assert memory_policy(spec) == BudgetMemory("hermes", budget=4000, chunk_frames=16)
+    for bad, why in [("hermes:budget=40,chunk_frames=0", "chunk_frames must be an integer >= 1"),
+                     ("infinipot:budget=40,chunk_frames=16", "unknown key 'chunk_frames'")]:
+        with pytest.raises(ValueError, match=why):
+            parse_memory(bad)

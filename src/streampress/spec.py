@@ -3,7 +3,8 @@
 A KV-memory setting is written ``full``, ``window:SECONDS[,reindex=lazy|eager|off]``,
 ``retrieval:window=SECONDS,top_k=K[,block_items=N]``, ``infinipot:budget=N`` (also
 ``infinipot_v:budget=N``) or ``hermes:budget=N`` (token budgets, :class:`streampress.BudgetMemory`;
-optional ``,reindex=lazy|eager|off`` and, for InfiniPot-V, ``,pooling=off|code``) and read into a small spec dict
+optional ``,reindex=lazy|eager|off``; for InfiniPot-V ``,pooling=off|code``, for HERMES
+``,chunk_frames=F``) and read into a small spec dict
 (None for ``full``) that is stored in run configurations and turned into a policy object
 only where a session is built. This module imports no torch, so parsing stays instant.
 """
@@ -16,7 +17,7 @@ __all__ = ["MEMORY_FORMS", "parse_memory", "memory_text", "memory_policy"]
 
 MEMORY_FORMS = ("full, window:SECONDS[,reindex=lazy|eager|off], retrieval:window=SECONDS,top_k=K[,block_items=N], "
                 "infinipot:budget=N[,reindex=lazy|eager|off][,pooling=off|code] "
-                "or hermes:budget=N[,reindex=lazy|eager|off]")
+                "or hermes:budget=N[,reindex=lazy|eager|off][,chunk_frames=F]")
 _CHOICES = {"reindex": ("lazy", "eager", "off"), "pooling": ("off", "code")}
 _BUDGET_METHODS = {"infinipot": "infinipot_v", "infinipot_v": "infinipot_v", "hermes": "hermes"}
 
@@ -78,7 +79,7 @@ def parse_memory(text: str) -> dict | None:
     if kind in _BUDGET_METHODS:
         fields = dict(part.partition("=")[::2] for part in rest.split(",") if part)
         method = _BUDGET_METHODS[kind]
-        allowed = {"budget", "reindex"} | ({"pooling"} if method == "infinipot_v" else set())
+        allowed = {"budget", "reindex"} | ({"pooling"} if method == "infinipot_v" else {"chunk_frames"})
         unknown = sorted(set(fields) - allowed)
         if unknown or "budget" not in fields:
             bad(f"unknown key {unknown[0]!r}" if unknown else "budget= is required")
@@ -86,6 +87,11 @@ def parse_memory(text: str) -> dict | None:
         if budget is None or budget < 2:
             bad("budget must be an integer >= 2 (visual tokens per layer)")
         spec = {"name": "budget", "method": method, "budget": budget}
+        if "chunk_frames" in fields:
+            chunk = _number(fields["chunk_frames"], int)
+            if chunk is None or chunk < 1:
+                bad("chunk_frames must be an integer >= 1 (frames per budget check)")
+            spec["chunk_frames"] = chunk
         for key in ("reindex", "pooling"):
             if key in fields:
                 if fields[key] not in _CHOICES[key]:
@@ -102,7 +108,7 @@ def memory_text(spec: dict | None) -> str:
     if spec["name"] == "window":
         return f"window:{spec['seconds']:g}" + (f",reindex={spec['reindex']}" if "reindex" in spec else "")
     if spec["name"] == "budget":
-        extra = "".join(f",{key}={spec[key]}" for key in ("reindex", "pooling") if key in spec)
+        extra = "".join(f",{key}={spec[key]}" for key in ("reindex", "pooling", "chunk_frames") if key in spec)
         return f"{'infinipot' if spec['method'] == 'infinipot_v' else 'hermes'}:budget={spec['budget']}{extra}"
     return (f"retrieval:window={spec['window_seconds']:g},top_k={spec['top_k']},"
             f"block_items={spec['block_items']}")
@@ -117,7 +123,7 @@ def memory_policy(spec: dict | None):
 
     if spec["name"] == "budget":
         return BudgetMemory(spec["method"], budget=spec["budget"],
-                            **{key: spec[key] for key in ("reindex", "pooling") if key in spec})
+                            **{key: spec[key] for key in ("reindex", "pooling", "chunk_frames") if key in spec})
 
     params = {k: v for k, v in spec.items() if k != "name"}
     return {"window": SlidingWindow, "retrieval": RetrievalMemory}[spec["name"]](**params)

@@ -96,7 +96,11 @@ class BudgetMemory:
     ``pooling`` (InfiniPot-V): ``"off"`` (the released scripts) or ``"code"`` (the
     official code's depth schedule of average pooling on VaN scores).
     Compression runs after each ``add_frames`` call once the budget is reached (feed one
-    item per call for InfiniPot-V's exact item schedule)."""
+    item per call for InfiniPot-V's exact item schedule). ``chunk_frames`` (HERMES): check
+    the budget only once this many frames arrived since the last check (the paper's chunk
+    is 16 frames: 8 Qwen items, 16 LLaVA-OV items), whatever the calls' sizes: one guidance
+    pass per chunk instead of per call, with up to ``|M|`` + a chunk of visual slots between
+    checks; None (default): every call is a chunk."""
 
     method: str
     budget: int
@@ -110,6 +114,7 @@ class BudgetMemory:
     omega: float | None = None
     reindex: str = "lazy"
     pooling: str = "off"
+    chunk_frames: int | None = None
     name: str = field(default="budget", init=False)
 
     def __post_init__(self):
@@ -142,6 +147,12 @@ class BudgetMemory:
             raise ValueError(f"BudgetMemory reindex must be one of {', '.join(REINDEX)}, got {self.reindex!r}")
         if self.pooling not in POOLING:
             raise ValueError(f"BudgetMemory pooling must be one of {', '.join(POOLING)}, got {self.pooling!r}")
+        if self.chunk_frames is not None and (isinstance(self.chunk_frames, bool) or not isinstance(
+                self.chunk_frames, int) or self.chunk_frames < 1):
+            raise ValueError(f"BudgetMemory chunk_frames must be None or an int >= 1, got {self.chunk_frames!r}")
+        if self.chunk_frames is not None and self.method != "hermes":
+            raise ValueError(f"BudgetMemory chunk_frames is HERMES's (method='hermes'; InfiniPot-V compresses on "
+                             f"its item schedule), got method={self.method!r}")
         if self.pooling != "off" and self.method != "infinipot_v":
             raise ValueError(f"BudgetMemory pooling is InfiniPot-V's (method='infinipot_v'), "
                              f"got method={self.method!r}")
@@ -168,6 +179,7 @@ class BudgetStore(MemoryStore):
         self.position_floor: int | None = None
         self.relocations = 0  # position re-indexings so far
         self.position_top: int | None = None  # the largest live position after the last one
+        self.unchecked_frames = 0  # frames since the last budget check (chunk_frames)
         self.max_position = -1  # over every token ingested (kept or not)
         self.compressions = 0
         self.compress_seconds = 0.0
@@ -179,7 +191,7 @@ class BudgetStore(MemoryStore):
         self.fresh = self.fresh + list(blocks)
 
     _MARKED = ("table", "prefix", "fresh", "position_floor", "max_position", "compressions", "compress_seconds",
-               "last_compress_seconds", "relocations", "position_top")
+               "last_compress_seconds", "relocations", "position_top", "unchecked_frames")
 
     def mark(self) -> tuple:
         return super().mark(), {name: getattr(self, name) for name in self._MARKED}
@@ -202,7 +214,10 @@ class BudgetStore(MemoryStore):
             return
         table, prefix, max_position = self._ingested()
         t0 = time.perf_counter()
-        plan = self.method.plan(self, table, prefix, max_position)
+        chunk = self.policy.chunk_frames
+        unchecked = self.unchecked_frames + len(self.fresh) * int(self.adapter.frames_per_item)
+        check = chunk is None or unchecked >= chunk
+        plan = self.method.plan(self, table, prefix, max_position) if check else None
         layers = None
         if plan is not None:
             layers, table = self._gathered(table, prefix, plan)
@@ -234,6 +249,7 @@ class BudgetStore(MemoryStore):
             self.relocations += 1
             self.position_top, self.position_floor, max_position = top, None, top
         self.table, self.prefix, self.max_position, self.fresh = table, prefix, max_position, []
+        self.unchecked_frames = 0 if check else unchecked
         self.evicted_tokens += max(0, before - self.visual_count())
 
     def _reindex_due(self, table: SlotTable, max_position: int, floor: int | None, compressed: bool) -> bool:
