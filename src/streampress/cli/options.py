@@ -295,9 +295,13 @@ def add_cacher_options(parser, *, optional: bool = False) -> None:
 
 def add_memory_option(parser) -> None:
     parser.add_argument("--memory", type=memory, default=None, metavar="SPEC",
-                        help="KV-cache memory: full (default), window:SECONDS (keep the last SECONDS of "
-                             "video) or retrieval:window=SECONDS,top_k=K[,block_items=N] (older video "
-                             "offloaded to CPU, K blocks fetched back per question and layer)")
+                        help="KV-cache memory: full (default); window:SECONDS (keep the last SECONDS of "
+                             "video); retrieval:window=SECONDS,top_k=K[,block_items=N] (older video "
+                             "offloaded to CPU, K blocks fetched back per question and layer); "
+                             "infinipot:budget=N or hermes:budget=N (at most N visual tokens per layer, "
+                             "token-level eviction). Options: ,reindex=lazy|eager|off (window and budgets: "
+                             "position re-indexing near the model's limit, default lazy), ,pooling=code "
+                             "(infinipot), ,chunk_frames=F (hermes: one budget check per F frames)")
     parser.add_argument("--window", action=Renamed, new="--memory window:SECONDS")
 
 
