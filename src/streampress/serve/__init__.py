@@ -15,7 +15,8 @@ Client events supported:
   ``session.instructions`` (kept and echoed; not used by the model),
   ``session.output_modalities`` (``["text"]`` only), and streampress's settings in
   ``session.streampress``: ``method``, ``keep_ratio`` (the token budget), ``params``,
-  ``memory`` (``full``, ``window:S``, ``retrieval:window=S,top_k=K``), ``cacher`` (true /
+  ``memory`` (any ``--memory`` form: ``full``, ``window:S``, ``retrieval:window=S,top_k=K``,
+  ``hermes:budget=N``, ...), ``cacher`` (true /
   object of parameters / null), ``fps``, ``max_new_tokens``. Changing the method, budget,
   params, memory or cacher starts the stream over; fps applies from the next frame. Other
   OpenAI fields (audio, tools, ...) are accepted and ignored. Reply: ``session.updated``.

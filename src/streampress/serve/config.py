@@ -64,8 +64,9 @@ def _fail(param: str, message: str):
 @dataclass(frozen=True)
 class StreamSettings:
     """How one stream is processed. ``method`` / ``keep_ratio`` (the token budget) /
-    ``params``: the pruner (``none``: keep every token); ``memory``: ``full``,
-    ``window:SECONDS`` or ``retrieval:window=S,top_k=K``; ``cacher``: STC-Cacher parameters
+    ``params``: the pruner (``none``: keep every token); ``memory``: any ``--memory`` form
+    (``full``, ``window:SECONDS``, ``retrieval:window=S,top_k=K``, ``infinipot:budget=N``,
+    ``hermes:budget=N``, with their options, :mod:`streampress.spec`); ``cacher``: STC-Cacher parameters
     (None: off); ``fps``: frames kept per second of stream time (the first frame at or
     after each tick k/fps); ``max_new_tokens``: default answer length."""
 
