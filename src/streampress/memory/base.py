@@ -151,10 +151,18 @@ class MemoryStore:
         """Remove ``blocks`` from the cache; later blocks' offsets are updated."""
         if not blocks:
             return
+        index, kept_blocks, removed = self._without(blocks)
+        cache_select(self.cache, index)
+        self.blocks = kept_blocks
+        self.evicted_items += len(blocks)
+        self.evicted_tokens += removed
+
+    def _without(self, blocks: Sequence[Block]) -> tuple[torch.Tensor, list[Block], int]:
+        """What evicting ``blocks`` leaves, nothing changed yet: the cache rows kept (int64,
+        increasing), the remaining blocks with their new offsets, the tokens removed."""
         keep = torch.ones(self.length(), dtype=torch.bool)
         for b in blocks:
             keep[b.start:b.start + b.length] = False
-        cache_select(self.cache, keep.nonzero().squeeze(1))
         # Blocks are disjoint and in cache order: each kept block moves back by the
         # tokens of the evicted blocks before it.
         gone = {id(b) for b in blocks}
@@ -164,9 +172,7 @@ class MemoryStore:
                 removed += b.length
                 continue
             kept_blocks.append(replace(b, start=b.start - removed) if removed else b)
-        self.blocks = kept_blocks
-        self.evicted_items += len(blocks)
-        self.evicted_tokens += removed
+        return keep.nonzero().squeeze(1), kept_blocks, removed
 
     @contextmanager
     def answering(self, question: QuestionInput | None = None) -> Iterator[Any]:

@@ -56,14 +56,23 @@ import torch
 from .base import Block, MemoryStore, _layers
 from .hermes import Hermes
 from .infinipot import InfiniPotV
-from .slots import Plan, SlotTable, compact_positions, kept_text, rotary_delta, rotate, stable_topk
+from .slots import (
+    REINDEX,
+    Plan,
+    SlotTable,
+    compact_positions,
+    kept_text,
+    reindex_due,
+    rotary_delta,
+    rotate,
+    stable_topk,
+    turn_region,
+)
 
 __all__ = ["BudgetMemory", "BudgetStore", "SlotTable", "rotary_delta", "rotate", "stable_topk"]
 
 METHODS = ("infinipot_v", "hermes")
-REINDEX = ("lazy", "eager", "off")
 POOLING = ("off", "code")
-REINDEX_MARGIN = 1024  # lazy re-indexing once positions pass max_context - this (P-HER, C-HER L174-182)
 
 
 # ---- the policy ------------------------------------------------------------------------------
@@ -253,16 +262,13 @@ class BudgetStore(MemoryStore):
         self.evicted_tokens += max(0, before - self.visual_count())
 
     def _reindex_due(self, table: SlotTable, max_position: int, floor: int | None, compressed: bool) -> bool:
-        """Position re-indexing (KV_MEMORY.md 3.4 step 10): ``"eager"`` after every
-        compression; ``"lazy"`` once the next position would pass ``max_context - 1024``
-        (the largest position so far > the model's limit - 1024); never with ``"off"``."""
-        mode = self.policy.reindex
-        if mode == "off" or table.slots == 0:
+        """Position re-indexing (KV_MEMORY.md 3.4 step 10, :func:`.slots.reindex_due`): after a
+        compression (eager), or once the largest position so far, the next token's included,
+        passes the model's limit - 1024 (lazy)."""
+        if table.slots == 0:
             return False
-        if mode == "eager":
-            return compressed
         top = max(max_position, int(table.pos.max()), (floor or 0) - 1, (self.position_floor or 0) - 1)
-        return top > int(self.adapter.max_context) - REINDEX_MARGIN
+        return reindex_due(self.policy.reindex, self.adapter, top, compressed)
 
     def _reindexed(self, layers: list, table: SlotTable, prefix: int) -> tuple[list, SlotTable, int]:
         """Keys turned to compacted positions (nothing installed): per (layer, KV head) and
@@ -279,9 +285,7 @@ class BudgetStore(MemoryStore):
         for l, (keys, values) in enumerate(layers):
             h, p, v = delta[l].shape
             cos, sin = rotary_delta(self.adapter, delta[l].permute(1, 0, 2).reshape(p, h * v))
-            region = keys[0, :, prefix:prefix + v, :]
-            turned = rotate(region, cos.view(h, v, -1).to(region.device), sin.view(h, v, -1).to(region.device))
-            out.append((torch.cat([keys[..., :prefix, :], turned.to(keys.dtype)[None]], dim=2), values))
+            out.append((turn_region(keys, prefix, cos.view(h, v, -1), sin.view(h, v, -1)), values))
         top = max(prefix - 1, int(new.max()))
         return out, SlotTable(table.item, table.raster, new.to(table.pos.dtype)), top
 

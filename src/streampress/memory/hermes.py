@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .base import _layers
 from .slots import Plan, SlotTable, kept_text, minmax, rotary_delta, rotate, stable_topk, visual_slots
 
 __all__ = ["Hermes", "LayerRule", "layer_schedule", "guidance_prompts", "hermes_scores", "smooth",
@@ -151,8 +152,7 @@ class Hermes:
         M = self.policy.budget
         if T <= M:
             return None
-        layers = [layer for layer in store.cache.layers if getattr(layer, "keys", None) is not None
-                  and layer.keys.numel() > 0]
+        layers = _layers(store.cache)
         rules = self.rules(len(layers))
         vis = [visual_slots(table, l)[0] for l in range(len(layers))]  # heads share a layer's slots
         g = max(max_position, (store.position_floor or 0) - 1) + 1
@@ -229,13 +229,12 @@ class Hermes:
             handles = []
             cos, sin = adapter.rotary(positions)
             out = []
-            layers = [layer for layer in cache.layers if getattr(layer, "keys", None) is not None
-                      and layer.keys.numel() > 0]
+            layers = _layers(cache)
             for l, (layer, mod) in enumerate(zip(layers, modules)):
                 keys = layer.keys[0]  # [H, S + q, D]
                 work = torch.promote_types(keys.dtype, torch.float32)
                 q = queries[l][0].to(work)  # [Hq, q, D]
-                q = q * cos.to(q) + _rotate_half(q) * sin.to(q)
+                q = rotate(q, cos, sin)
                 kv_heads, hq, n, d = keys.shape[0], q.shape[0], q.shape[1], q.shape[2]
                 scale = float(getattr(mod, "scaling", d ** -0.5))
                 logits = torch.einsum("hgqd,hsd->hgqs", q.view(kv_heads, hq // kv_heads, n, d),
@@ -252,7 +251,3 @@ class Hermes:
                 h.remove()
             store.truncate(length)
 
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)

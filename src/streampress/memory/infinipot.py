@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .base import _layers
 from .slots import Plan, SlotTable, stable_topk, visual_slots
 
 __all__ = ["InfiniPotV", "InfiniPotConfig", "infinipot_config", "tar_scores", "infinipot_keep", "pool_group",
@@ -214,8 +215,7 @@ class InfiniPotV:
         items_all = table.item[0, 0][visual[0, 0]]
         recent_items = torch.unique(items_all)[-cfg.r:]
         keep = []
-        layers = [layer for layer in store.cache.layers if getattr(layer, "keys", None) is not None
-                  and layer.keys.numel() > 0]
+        layers = _layers(store.cache)
         grid = self.grid(store, cfg)
         for l, layer in enumerate(layers):
             idx = visual_slots(table, l)  # [H, n]

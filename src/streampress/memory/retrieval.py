@@ -47,24 +47,12 @@ from typing import Any
 import torch
 
 from .base import Block, MemoryStore, QuestionInput, cache_nbytes
+from .slots import unrotate
 
 __all__ = ["RetrievalMemory", "RetrievalStore", "OffloadedBlock", "block_scores", "unrotate"]
 
 
 # ---- math ------------------------------------------------------------------------------------
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def unrotate(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Keys before RoPE from keys after it (float32): RoPE turns each pair of channels
-    ``(i, i + d/2)`` by an angle, ``y = x cos + rotate_half(x) sin``, and turning back is
-    ``x = y cos - rotate_half(y) sin``. ``keys [..., L, d]``; ``cos, sin [L, d]``."""
-    k = keys.float()
-    return k * cos - _rotate_half(k) * sin
-
-
 def block_scores(queries: torch.Tensor, summaries: torch.Tensor) -> torch.Tensor:
     """Score of each block: the mean over question tokens and query heads of ``q . s`` with
     ``s`` the block's summary key of the KV head serving that query head (GQA: query head h

@@ -14,8 +14,13 @@ from typing import Any
 
 import torch
 
-__all__ = ["SlotTable", "Plan", "rotary_delta", "rotate", "stable_topk", "minmax", "visual_slots", "kept_text",
-           "compact_positions"]
+__all__ = ["SlotTable", "Plan", "rotary_delta", "rotate", "unrotate", "turn_region", "stable_topk", "minmax",
+           "visual_slots", "kept_text", "compact_positions", "reindex_due", "REINDEX", "REINDEX_MARGIN"]
+
+#: Position re-indexing modes (``reindex=``) of the memories that re-index.
+REINDEX = ("lazy", "eager", "off")
+#: Lazy re-indexing fires once a position passes ``max_context - REINDEX_MARGIN`` (P-HER; C-HER L174-182).
+REINDEX_MARGIN = 1024
 
 
 # ---- math helpers ----------------------------------------------------------------------------
@@ -41,6 +46,30 @@ def rotate(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
     in at least float32, returned in that precision)."""
     k = keys.to(torch.promote_types(keys.dtype, torch.float32))
     return k * cos.to(k) + _rotate_half(k) * sin.to(k)
+
+
+def unrotate(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Keys before RoPE from keys after it (float32): RoPE turns each pair of channels
+    ``(i, i + d/2)`` by an angle, ``y = x cos + rotate_half(x) sin``, and turning back is
+    ``x = y cos - rotate_half(y) sin``. ``keys [..., L, d]``; ``cos, sin [L, d]``."""
+    k = keys.float()
+    return k * cos - _rotate_half(k) * sin
+
+
+def turn_region(keys: torch.Tensor, prefix: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """A cache layer's ``keys [1, H, S, D]`` with every row after the first ``prefix`` turned
+    by ``(cos, sin)`` (broadcasting to ``[..., S - prefix, D]``), back in the keys' dtype."""
+    turned = rotate(keys[..., prefix:, :], cos.to(keys.device), sin.to(keys.device)).to(keys.dtype)
+    return torch.cat([keys[..., :prefix, :], turned], dim=-2)
+
+
+def reindex_due(mode: str, adapter, top: int, changed: bool) -> bool:
+    """Whether a memory re-indexes now: ``"eager"`` when it just evicted or compressed
+    (``changed``), ``"lazy"`` once the largest position ``top`` passes the model's
+    ``max_context - REINDEX_MARGIN``, never with ``"off"``."""
+    if mode == "eager":
+        return changed
+    return mode == "lazy" and top > int(adapter.max_context) - REINDEX_MARGIN
 
 
 def stable_topk(scores: torch.Tensor, k: int) -> torch.Tensor:

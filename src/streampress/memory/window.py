@@ -12,12 +12,9 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .base import MemoryStore, _layers
-from .slots import compact_positions, rotary_delta, rotate
+from .slots import REINDEX, compact_positions, reindex_due, rotary_delta, turn_region
 
 __all__ = ["SlidingWindow"]
-
-REINDEX = ("lazy", "eager", "off")
-REINDEX_MARGIN = 1024  # lazy re-indexing once positions pass max_context - this
 
 
 class _WindowStore(MemoryStore):
@@ -43,45 +40,36 @@ class _WindowStore(MemoryStore):
 
     def after_add(self, now: float) -> None:
         old = [b for b in self.blocks if now - b.start_time > self.seconds]
-        kept = [b for b in self.blocks if not now - b.start_time > self.seconds]
-        if not self._reindex_due(kept, evicted=bool(old)):
+        if not self._reindex_due(old):
             self.evict(old)
             return
         # Evict and re-index as one step: every new tensor is built before any is installed.
         prefix = self.prefix
-        keep = torch.ones(self.length(), dtype=torch.bool)
-        for b in old:
-            keep[b.start:b.start + b.length] = False
-        index = keep.nonzero().squeeze(1)
+        index, kept, removed = self._without(old)
         pos = torch.cat([b.positions.to(torch.int64) for b in kept], dim=1)  # [P, region], cache order
         new = compact_positions(pos, prefix)
         cos, sin = rotary_delta(self.adapter, new - pos)
         layers = []
         for layer in _layers(self.cache):
             i = index.to(layer.keys.device)
-            k, v = layer.keys.index_select(-2, i), layer.values.index_select(-2, i)
-            turned = rotate(k[..., prefix:, :], cos.to(k.device), sin.to(k.device)).to(k.dtype)
-            layers.append((torch.cat([k[..., :prefix, :], turned], dim=-2), v))
-        blocks, start = [], prefix
-        for b in kept:
-            blocks.append(replace(b, start=start, positions=new[:, start - prefix:start - prefix + b.length]))
-            start += b.length
+            layers.append((turn_region(layer.keys.index_select(-2, i), prefix, cos, sin),
+                           layer.values.index_select(-2, i)))
+        blocks = [replace(b, positions=new[:, b.start - prefix:b.start - prefix + b.length]) for b in kept]
         # Commit.
         for layer, (k, v) in zip(_layers(self.cache), layers):
             layer.keys, layer.values = k, v
         self.evicted_items += len(old)
-        self.evicted_tokens += sum(b.length for b in old)
+        self.evicted_tokens += removed
         self.blocks = blocks
         self.relocations += 1
         self.position_top = max(prefix - 1, int(new.max()))
 
-    def _reindex_due(self, kept, evicted: bool) -> bool:
-        if self.reindex == "off" or not kept or any(b.positions is None for b in kept):
+    def _reindex_due(self, old) -> bool:
+        gone = {id(b) for b in old}
+        kept = [b for b in self.blocks if id(b) not in gone]
+        if not kept or any(b.positions is None for b in kept):
             return False
-        if self.reindex == "eager":
-            return evicted
-        top = max(int(b.positions.max()) for b in kept)
-        return top > int(self.adapter.max_context) - REINDEX_MARGIN
+        return reindex_due(self.reindex, self.adapter, max(int(b.positions.max()) for b in kept), bool(old))
 
     def stats(self) -> dict:
         out = super().stats()
