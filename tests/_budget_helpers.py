@@ -99,3 +99,19 @@ def drive(store, adapter, items: int, p: int, per_call: int = 1, seed: int = 0, 
             cursor = store.position_top + 1
         cursor = max(cursor, store.position_floor or 0)  # as the session does
         yield t
+
+
+def capture(store) -> list:
+    """Record ``(cache, table, prefix)`` right before each compression of ``store`` (its
+    method's ``plan`` wrapped); the list grows as the store compresses."""
+    seen = []
+    real = store.method.plan
+
+    def plan(st, table, prefix, max_position):
+        out = real(st, table, prefix, max_position)
+        if out is not None:
+            seen.append(([(l.keys.clone(), l.values.clone()) for l in st.cache.layers], table, prefix))
+        return out
+
+    store.method.plan = plan
+    return seen

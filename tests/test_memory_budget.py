@@ -17,7 +17,20 @@ import streampress
 import streampress.memory.budget as budget_module
 import streampress.memory.hermes as hermes_module
 import streampress.memory.infinipot as infinipot_module
-from _budget_helpers import ARCHS, LLAVA, QWEN3, QWEN25, Q, budget_session, drive, feed, model, store_fingerprint, video
+from _budget_helpers import (
+    ARCHS,
+    LLAVA,
+    QWEN3,
+    QWEN25,
+    Q,
+    budget_session,
+    capture,
+    drive,
+    feed,
+    model,
+    store_fingerprint,
+    video,
+)
 from _session_helpers import assert_same
 from streampress.memory import BudgetMemory, BudgetStore
 from streampress.memory.infinipot import infinipot_config, infinipot_keep, tar_scores
@@ -195,16 +208,7 @@ def test_trigger_schedule_shapes_prefix_recent_and_gather_purity(arch):
     s = budget_session(arch, ipv(budget=32))
     store = s.memory
     frames = video(m, 22 * per_item(m), seed=2)
-    captured = []
-    real_plan = store.method.plan
-
-    def plan(st, table, prefix, max_position):
-        out = real_plan(st, table, prefix, max_position)
-        if out is not None:
-            captured.append(([(l.keys.clone(), l.values.clone()) for l in st.cache.layers], table, prefix))
-        return out
-
-    store.method.plan = plan
+    captured = capture(store)
     counts = []
     for k in range(22):
         feed(s, frames[k * per_item(m):(k + 1) * per_item(m)], per_item(m), start=k * per_item(m))

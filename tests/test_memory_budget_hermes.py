@@ -13,7 +13,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _budget_helpers import ARCHS, LLAVA, QWEN3, QWEN25, Q, budget_session, feed, model, store_fingerprint, video
+from _budget_helpers import (
+    ARCHS,
+    LLAVA,
+    QWEN3,
+    QWEN25,
+    Q,
+    budget_session,
+    capture,
+    feed,
+    model,
+    store_fingerprint,
+    video,
+)
 from _session_helpers import assert_same
 from streampress.memory import BudgetMemory
 from streampress.memory.hermes import GLOBAL_PROMPT, LOCAL_PROMPT, PROMPT_OF, guidance_prompts, layer_schedule, smooth
@@ -70,21 +82,6 @@ def test_guidance_prompts_byte_exact():
                           + LOCAL_PROMPT)
     assert h["global"] == "Context summary: Question: What is on the table? Answer: a red apple. " + GLOBAL_PROMPT
     assert h["mixed"] == h["local"] + "; " + h["global"]
-
-
-def capture(store):
-    """Record (cache, table, prefix) right before each compression."""
-    seen = []
-    real = store.method.plan
-
-    def plan(st, table, prefix, max_position):
-        out = real(st, table, prefix, max_position)
-        if out is not None:
-            seen.append(([(l.keys.clone(), l.values.clone()) for l in st.cache.layers], table, prefix))
-        return out
-
-    store.method.plan = plan
-    return seen
 
 
 def ids(table, l):
