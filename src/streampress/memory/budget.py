@@ -267,7 +267,9 @@ class BudgetStore(MemoryStore):
         passes the model's limit - 1024 (lazy)."""
         if table.slots == 0:
             return False
-        top = max(max_position, int(table.pos.max()), (floor or 0) - 1, (self.position_floor or 0) - 1)
+        # Every live position is an ingested token's (<= max_position; after a re-indexing
+        # max_position is the new top) or a summary's (p* = floor - 1): no pass over the table.
+        top = max(max_position, (floor or 0) - 1, (self.position_floor or 0) - 1)
         return reindex_due(self.policy.reindex, self.adapter, top, compressed)
 
     def _reindexed(self, layers: list, table: SlotTable, prefix: int) -> tuple[list, SlotTable, int]:
