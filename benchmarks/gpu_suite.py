@@ -91,6 +91,14 @@ class Step:
 
 
 # ----------------------------------------------------------------------- environment
+def _src_on_path() -> None:
+    """Put the checkout's ``src`` first on ``sys.path`` (the package without install), once;
+    imports of the package stay inside the functions that need them, so this module loads fast."""
+    src = str(ROOT / "src")
+    if sys.path[:1] != [src]:
+        sys.path.insert(0, src)
+
+
 def _run_quiet(cmd: list[str], timeout: float = 20) -> str | None:
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -158,7 +166,10 @@ def environment(env: dict, in_process: bool = False) -> dict:
             info = json.loads(out.stdout.strip().splitlines()[-1])
         except (IndexError, json.JSONDecodeError):
             info = {"error": (out.stderr or out.stdout)[-LOG_TAIL:]}
-    info.update(host=platform.node(), cpu_count=os.cpu_count(), cpu=_cpu_model(), executable=sys.executable)
+    _src_on_path()
+    from streampress.bench.host import cpu_name
+
+    info.update(host=platform.node(), cpu_count=os.cpu_count(), cpu=cpu_name(), executable=sys.executable)
     smi = nvidia_smi()
     if smi is not None:
         info["nvidia_smi"] = smi
@@ -166,16 +177,6 @@ def environment(env: dict, in_process: bool = False) -> dict:
             info.setdefault("device", smi["gpus"][0].get("name"))
             info["driver"] = smi["gpus"][0].get("driver_version")
     return info
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # ----------------------------------------------------------------------------- clips
@@ -187,7 +188,7 @@ def find_clips(folder: Path | None) -> list[Path]:
 
 def synthetic_clips(work: Path, count: int, frames: int, side: int) -> list[Path]:
     """``count`` folders of PNG frames (the package's synthetic video, different seeds)."""
-    sys.path.insert(0, str(ROOT / "src"))
+    _src_on_path()
     from PIL import Image
 
     from streampress.bench.synthetic import synthetic_video
@@ -308,7 +309,7 @@ def build_steps(rehearse: bool, clips: list[Path], work: Path) -> list[Step]:
 
 def preimport() -> None:
     """Import what the steps import, once, before ``--fork`` forks them (CPU only)."""
-    sys.path.insert(0, str(ROOT / "src"))
+    _src_on_path()
     import matplotlib
 
     matplotlib.use("Agg")

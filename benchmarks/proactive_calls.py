@@ -36,7 +36,6 @@ import argparse
 import glob
 import json
 import os
-import platform
 import sys
 import time
 
@@ -49,6 +48,7 @@ sys.path.insert(0, os.path.join(ROOT, "src"))
 import transformers  # noqa: E402
 
 from streampress import load_model  # noqa: E402
+from streampress.bench.host import cpu_name  # noqa: E402
 from streampress.session import StreamingSession  # noqa: E402
 from streampress.video import open_video  # noqa: E402
 
@@ -116,10 +116,9 @@ def main() -> int:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     model = load_model(args.model, dtype="float32", device="cpu")
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    env = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "transformers": transformers.__version__,
-           "threads": torch.get_num_threads(), "model": args.model, "fps": args.fps, "size": args.size,
+    env = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
+           "transformers": transformers.__version__, "threads": torch.get_num_threads(), "model": args.model,
+           "fps": args.fps, "size": args.size,
            "max_new_tokens": args.max_new_tokens, "repeats": args.repeats}
     print(json.dumps(env))
     clips = {os.path.basename(p): decode(p, args.fps, args.size) for p in args.videos}

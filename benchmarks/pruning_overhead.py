@@ -39,6 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without install
 
 import streampress
+from streampress.bench.host import cpu_name
 
 SHAPES = [(16, 16, 3584), (14, 14, 3584)]
 # Every registered method at its defaults, plus the matched-budget mode of the threshold methods.
@@ -51,19 +52,9 @@ CONFIGS = [(name, {}) for name in streampress.list_pruners()] + [
 DISTINCT_GRIDS = 8  # cycled, so consecutive grids differ as in a real stream
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def device_info(cuda: bool) -> dict:
     info = {
-        "cpu": cpu_model(),
+        "cpu": cpu_name(),
         "cuda": torch.version.cuda,
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
@@ -75,23 +66,40 @@ def device_info(cuda: bool) -> dict:
     return info
 
 
-def time_pruner(name, params, shape, dtype, device, reps, warmup) -> list[float]:
-    """Seconds per call for ``reps`` single-grid calls on one stream."""
+def stream_grids(shape, dtype, device) -> list[torch.Tensor]:
+    """``DISTINCT_GRIDS`` single-grid inputs ``[1, *shape]`` (seeded, so every method sees the same ones)."""
     gen = torch.Generator().manual_seed(0)
-    grids = [torch.randn((1,) + shape, generator=gen).to(device=device, dtype=dtype) for _ in range(DISTINCT_GRIDS)]
-    pruner = streampress.create_pruner(name, **params)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    return [torch.randn((1,) + shape, generator=gen).to(device=device, dtype=dtype) for _ in range(DISTINCT_GRIDS)]
+
+
+def time_calls(fn, grids, reps, warmup, sync) -> list[float]:
+    """Seconds per call of ``fn`` over ``reps`` grids (cycled), after ``warmup`` untimed calls;
+    ``sync()`` after the warm-up and after each timed call."""
     for i in range(warmup):
-        pruner(grids[i % DISTINCT_GRIDS])
+        fn(grids[i % len(grids)])
     sync()
     times = []
     for i in range(reps):
-        grid = grids[i % DISTINCT_GRIDS]
+        grid = grids[i % len(grids)]
         start = time.perf_counter()
-        pruner(grid)
+        fn(grid)
         sync()
         times.append(time.perf_counter() - start)
     return times
+
+
+def summary_ms(times: list[float]) -> dict:
+    """``{"median_ms", "p10_ms", "p90_ms"}`` of per-call seconds."""
+    q = statistics.quantiles(times, n=10) if len(times) > 1 else times * 9
+    return {"median_ms": statistics.median(times) * 1e3, "p10_ms": q[0] * 1e3, "p90_ms": q[-1] * 1e3}
+
+
+def time_pruner(name, params, shape, dtype, device, reps, warmup) -> list[float]:
+    """Seconds per call for ``reps`` single-grid calls on one stream."""
+    grids = stream_grids(shape, dtype, device)
+    pruner = streampress.create_pruner(name, **params)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    return time_calls(pruner, grids, reps, warmup, sync)
 
 
 def parse_targets(text: str) -> list[tuple[str, torch.dtype]]:
@@ -206,8 +214,7 @@ def make_fast(path: str, pruner, first_grids, backend: str, mode: str | None):
 
 def time_fast(path, name, params, shape, dtype, device, reps, warmup, backend, mode) -> dict:
     """Median time per call of a fast path, after checking its masks against eager ones."""
-    gen = torch.Generator().manual_seed(0)
-    grids = [torch.randn((1,) + shape, generator=gen).to(device=device, dtype=dtype) for _ in range(DISTINCT_GRIDS)]
+    grids = stream_grids(shape, dtype, device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     n_first, n_check = 2, 2 * DISTINCT_GRIDS
     eager = streampress.create_pruner(name, **params)
@@ -222,16 +229,7 @@ def time_fast(path, name, params, shape, dtype, device, reps, warmup, backend, m
         sync()
         setup_s = time.perf_counter() - t0
         mismatches = sum(int((a != b).sum()) for a, b in zip(want[n_first:], got))
-        for i in range(warmup):
-            fn(grids[i % DISTINCT_GRIDS])
-        sync()
-        times = []
-        for i in range(reps):
-            grid = grids[i % DISTINCT_GRIDS]
-            start = time.perf_counter()
-            fn(grid)
-            sync()
-            times.append(time.perf_counter() - start)
+        times = time_calls(fn, grids, reps, warmup, sync)
     except FastPathSkipped as exc:
         return {"skipped": str(exc)}
     except Exception as exc:  # recorded, not fatal: the other paths and methods still run
@@ -242,9 +240,8 @@ def time_fast(path, name, params, shape, dtype, device, reps, warmup, backend, m
             except Exception:
                 pass
         return {"skipped": f"failed: {type(exc).__name__}: {text}"}
-    q = statistics.quantiles(times, n=10) if len(times) > 1 else times * 9
-    return {"median_ms": statistics.median(times) * 1e3, "p10_ms": q[0] * 1e3, "p90_ms": q[-1] * 1e3,
-            "setup_s": setup_s, "masks_match_eager": mismatches == 0, "mask_mismatches": mismatches}
+    return {**summary_ms(times), "setup_s": setup_s, "masks_match_eager": mismatches == 0,
+            "mask_mismatches": mismatches}
 
 
 def label(name, params) -> str:
@@ -297,11 +294,9 @@ def main(argv=None) -> int:
         for name, params in configs:
             for shape in SHAPES:
                 times = time_pruner(name, params, shape, dtype, device, args.reps, args.warmup)
-                q = statistics.quantiles(times, n=10) if len(times) > 1 else times * 9
                 results.append({
                     "method": name, "params": params, "shape": list(shape), "device": device,
-                    "dtype": str(dtype).replace("torch.", ""), "reps": args.reps,
-                    "median_ms": statistics.median(times) * 1e3, "p10_ms": q[0] * 1e3, "p90_ms": q[-1] * 1e3,
+                    "dtype": str(dtype).replace("torch.", ""), "reps": args.reps, **summary_ms(times),
                 })
                 print(f"  {label(name, params):45s} {device}/{results[-1]['dtype']:8s} {shape}: "
                       f"{results[-1]['median_ms']:.3f} ms", file=sys.stderr)

@@ -421,13 +421,11 @@ def _ms(v):
 def environment(args) -> dict:
     import torch
 
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+    if SRC not in sys.path:  # run from a checkout without install
+        sys.path.insert(0, SRC)
+    from streampress.bench.host import cpu_name
+
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
             "model": args.model, "memory": args.memory, "fps": args.fps, "ask_every": args.ask_every,
             "max_new_tokens": args.max_new_tokens, "queue_frames": args.queue_frames,
             "server_threads": args.server_threads}

@@ -65,6 +65,16 @@ def _baseline(result: dict) -> dict:
     return dense[0]
 
 
+def _ratio(run: dict, dense: dict, key: str) -> float | None:
+    """``run``'s ratio to ``dense`` for ``key``: the median paired ratio where the runner
+    measured pairs, else ``run[key] / dense[key]`` (None where dense is 0 or a value is missing)."""
+    paired = (run.get("paired_ratios") or {}).get(key)
+    if paired:
+        return paired["median"]
+    base, value = dense.get(key), run.get(key)
+    return value / base if base and value is not None else None
+
+
 def add_ratios(result: dict) -> dict:
     """Add ``run["ratios"][metric]`` to every run, in place: the median of per-sample paired
     ratios to dense where the run has ``paired_ratios``, else ``run[metric] / dense[metric]``
@@ -72,20 +82,17 @@ def add_ratios(result: dict) -> dict:
     ``run["speedup"] = 1 / ratios["total_ms"]`` and ``result["noise"] = noise_check(result)``."""
     dense = _baseline(result)
     for run in result["runs"]:
-        ratios = {}
-        paired = run.get("paired_ratios") or {}
-        for key, _, _ in METRICS:
-            base, value = dense.get(key), run.get(key)
-            if key in _NO_RATIO:
-                ratios[key] = None
-            elif key in paired:
-                ratios[key] = paired[key]["median"]
-            else:
-                ratios[key] = (value / base) if (base and value is not None) else None
+        ratios = {key: None if key in _NO_RATIO else _ratio(run, dense, key) for key, _, _ in METRICS}
         run["ratios"] = ratios
         run["speedup"] = 1.0 / ratios["total_ms"] if ratios.get("total_ms") else None
     result["noise"] = noise_check(result)
     return result
+
+
+def _ensure_ratios(result: dict) -> None:
+    """:func:`add_ratios` unless every run has its ratios and the result its noise check."""
+    if not all("ratios" in r for r in result["runs"]) or "noise" not in result:
+        add_ratios(result)
 
 
 def noise_check(result: dict, threshold: float = NOISE_THRESHOLD) -> dict:
@@ -97,10 +104,7 @@ def noise_check(result: dict, threshold: float = NOISE_THRESHOLD) -> dict:
     controls = {}
     for run in result["runs"]:
         if run.get("method") and not run.get("cacher") and run is not dense:
-            paired = (run.get("paired_ratios") or {}).get("encode_ms")
-            ratio = paired["median"] if paired else (
-                run["encode_ms"] / dense["encode_ms"] if dense.get("encode_ms") and run.get("encode_ms") is not None
-                else None)
+            ratio = _ratio(run, dense, "encode_ms")
             if ratio is not None:
                 controls[run["name"]] = float(ratio)
     off = {name: r for name, r in controls.items() if abs(r - 1.0) > threshold}
@@ -124,7 +128,6 @@ def _spread(run: dict, key: str) -> str | None:
     if not stats or not stats.get("median"):
         return None
     return f"+-{50 * (stats['q3'] - stats['q1']) / abs(stats['median']):.0f}%"
-
 
 
 def _format_value(key: str, value) -> str:
@@ -164,8 +167,7 @@ def _describe_config(config: dict) -> list[str]:
 
 def render_markdown(result: dict) -> str:
     """The report as Markdown: configuration, then one row per run with ratios to dense."""
-    if not all("ratios" in r for r in result["runs"]) or "noise" not in result:
-        add_ratios(result)
+    _ensure_ratios(result)
     lines = ["# streampress bench", ""]
     lines += [f"- {line}" for line in _describe_config(result.get("config", {}))]
     noise = result["noise"]
@@ -207,8 +209,7 @@ def render_table(result: dict):
     from rich import box
     from rich.table import Table
 
-    if not all("ratios" in r for r in result["runs"]) or "noise" not in result:
-        add_ratios(result)
+    _ensure_ratios(result)
     config = result.get("config", {})
     runs = result["runs"]
     noise = result["noise"]
@@ -254,8 +255,7 @@ def plot(result: dict, path: str | Path) -> Path:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    if not all("ratios" in r for r in result["runs"]) or "noise" not in result:
-        add_ratios(result)
+    _ensure_ratios(result)
     runs, config = result["runs"], result.get("config", {})
     names = [_run_label(r) for r in runs]
     x = np.arange(len(runs))

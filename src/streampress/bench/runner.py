@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .host import cpu_name
+
 __all__ = ["RunSpec", "PeakMemory", "run_bench", "default_runs", "summarize", "summarize_runs", "step_order",
            "DEFAULT_METHODS", "DEFAULT_MODEL"]
 
@@ -326,13 +328,7 @@ def _device_name(device) -> str:
 
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} ({device})"
-    cpu = platform.processor() or platform.machine()
-    try:  # Linux names the processor model here; platform.processor() is often empty
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return f"cpu ({cpu}, {torch.get_num_threads()} threads)"
+    return f"cpu ({cpu_name()}, {torch.get_num_threads()} threads)"
 
 
 def _model_detail(model) -> str:
