@@ -98,7 +98,7 @@ def time_pruner(name, params, shape, dtype, device, reps, warmup) -> list[float]
     """Seconds per call for ``reps`` single-grid calls on one stream."""
     grids = stream_grids(shape, dtype, device)
     pruner = streampress.create_pruner(name, **params)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     return time_calls(pruner, grids, reps, warmup, sync)
 
 
