@@ -141,17 +141,10 @@ class Pruner:
     def __call__(self, grids: torch.Tensor) -> torch.Tensor:
         """Keep mask ``[T, H, W]`` (bool, True = keep) for the next ``T`` grids of the stream."""
         x = self._validated(grids)
-        T, H, W, D = x.shape
+        T, H, W, _ = x.shape
         if T == 0:
             return torch.zeros((0, H, W), dtype=torch.bool, device=x.device)
-        keep, state = self._prune(x, self._state)
-        if sync_free(x):  # the check the scoring deferred (see ``sync_free``)
-            check_finite_after(x)
-        # Commit only after the method returned: a failing call changes nothing.
-        self._state = state
-        self._stream_shape = (H, W, D)
-        self._grids_seen += T
-        return keep
+        return self._commit(x, *self._prune(x, self._state))
 
     def exact_mask(self, grids: torch.Tensor, total: int) -> torch.Tensor:
         """Keep mask ``[T, H, W]`` with exactly ``total`` True over the next ``T`` grids of the
@@ -159,13 +152,19 @@ class Pruner:
         budget is not used. Continues the stream like ``__call__`` (and commits its state
         only when it returns). ``total`` in ``[0, T * H * W]``."""
         x = self._validated(grids)
-        T, H, W, D = x.shape
+        T, H, W, _ = x.shape
         total = check_total(total, T * H * W)
         if T == 0:
             return torch.zeros((0, H, W), dtype=torch.bool, device=x.device)
-        keep, state = self._prune_exact(x, self._state, total)
+        return self._commit(x, *self._prune_exact(x, self._state, total))
+
+    def _commit(self, x: torch.Tensor, keep: torch.Tensor, state: Any) -> torch.Tensor:
+        """The end of ``__call__`` / ``exact_mask``: the finiteness check a sync-free scoring
+        deferred (see ``sync_free``), then the new stream state, stored only now that the
+        method returned (a failing call changes nothing). Returns ``keep``."""
         if sync_free(x):
             check_finite_after(x)
+        T, H, W, D = x.shape
         self._state = state
         self._stream_shape = (H, W, D)
         self._grids_seen += T
@@ -273,8 +272,9 @@ class ScorePruner(Pruner):
 
         Pure, like ``_prune``: ``state`` is what the previous call returned (None at the
         start of a stream) and must not be modified in place. Must check that ``x`` is
-        finite (``unit_tokens``, ``require_finite`` or ``safe_grids`` do). ``NEVER_DROP``
-        marks tokens that may not be dropped.
+        finite (``unit_tokens``, ``range_factors``, ``require_finite``,
+        ``require_finite_grids`` or ``safe_grids`` do). ``NEVER_DROP`` marks tokens that
+        may not be dropped.
         """
         raise NotImplementedError
 
@@ -287,22 +287,22 @@ class ScorePruner(Pruner):
         return keep_lowest(scores.reshape(T, H * W), k).view(T, H, W)
 
     def _prune(self, x: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
-        scores, state = self.score(x, state)
-        if scores.shape != x.shape[:3]:
-            raise RuntimeError(
-                f"{type(self).__name__}.score returned scores of shape {tuple(scores.shape)}, "
-                f"expected {tuple(x.shape[:3])} (one per token)"
-            )
+        scores, state = self._checked_score(x, state)
         return self.select(scores), state  # Pruner.__call__ commits the state
 
     def _prune_exact(self, x: torch.Tensor, state: Any, total: int) -> tuple[torch.Tensor, Any]:
+        scores, state = self._checked_score(x, state)
+        return exact_keep(scores, total), state
+
+    def _checked_score(self, x: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
+        """:meth:`score`, with one score per token checked."""
         scores, state = self.score(x, state)
         if scores.shape != x.shape[:3]:
             raise RuntimeError(
                 f"{type(self).__name__}.score returned scores of shape {tuple(scores.shape)}, "
                 f"expected {tuple(x.shape[:3])} (one per token)"
             )
-        return exact_keep(scores, total), state
+        return scores, state
 
 
 class ThresholdPruner(ScorePruner):
@@ -365,6 +365,13 @@ def require_finite(reduction: torch.Tensor, grids: torch.Tensor) -> None:
     )
 
 
+def require_finite_grids(x: torch.Tensor) -> None:
+    """``require_finite(grid_peak(x), x)`` for a method that computes no reduction of its
+    own, with the reduction skipped too where the check is deferred (``sync_free``)."""
+    if not sync_free(x):
+        require_finite(grid_peak(x), x)
+
+
 def check_finite(grids: torch.Tensor) -> None:
     """Raise ValueError naming the first grid of ``grids [T, ...]`` that holds NaN or inf."""
     bad = ~torch.isfinite(grids).flatten(1).all(dim=1)
@@ -388,6 +395,29 @@ def rescale_factors(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     grid ``[T]`` float32, ``grid_scale(x)`` when some grid's ``scale`` is out of range, else
     exactly 1 (``sync_free`` devices)."""
     return torch.where(all_in_safe_range(scale), 1.0, grid_scale(x))
+
+
+def range_factors(x: torch.Tensor, scale: torch.Tensor, finite: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The power-of-two rescale of ``x [T, ...]`` that its per-grid ``scale [T]`` calls for
+    (``scale``: the magnitude a method squares, NaN or inf when ``x`` is not finite or its
+    squares overflow): per grid factors ``[T]`` float32 to multiply ``x`` by, or None when
+    ``x`` is scored as it is.
+
+    Off the CPU (``sync_free``) always the branch-free ``rescale_factors`` (exactly 1 when
+    every grid is in range). On the CPU None when every grid is in range (no extra pass),
+    else ``grid_scale(x)`` after checking that ``x`` is finite: ``require_finite(finite, x)``
+    when the caller has a cheap reduction of ``x`` that cannot overflow, else
+    ``check_finite(x)`` (``scale`` itself may be inf for finite ``x``).
+    """
+    if sync_free(x):
+        return rescale_factors(x, scale)
+    if in_safe_range(scale):
+        return None
+    if finite is None:
+        check_finite(x)
+    else:
+        require_finite(finite, x)
+    return grid_scale(x)
 
 
 def grid_peak(x: torch.Tensor) -> torch.Tensor:
@@ -431,13 +461,9 @@ def unit_tokens(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tenso
     """
     norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
     peak = norms.flatten(1).amax(dim=1)  # [T]; NaN or inf if x is not finite or overflows
-    if sync_free(x):  # the same rescale without a branch (x 1 exactly when in range)
-        x = torch.mul(x, rescale_factors(x, peak).view((-1,) + (1,) * (x.dim() - 1)), out=out)
-        norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-        peak = norms.flatten(1).amax(dim=1)
-    elif not in_safe_range(peak):  # rare: tiny, huge, all-zero or non-finite grids
-        check_finite(x)
-        x = torch.mul(x, grid_scale(x).view((-1,) + (1,) * (x.dim() - 1)), out=out)
+    factors = range_factors(x, peak)  # None on the CPU for grids of ordinary scale
+    if factors is not None:
+        x = torch.mul(x, factors.view((-1,) + (1,) * (x.dim() - 1)), out=out)
         norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
         peak = norms.flatten(1).amax(dim=1)
     floor = (peak * NORM_EPS).clamp_min_(TINY).view((-1,) + (1,) * (x.dim() - 1))

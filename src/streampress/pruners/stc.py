@@ -39,18 +39,7 @@ from __future__ import annotations
 
 import torch
 
-from . import base as _base
-from .base import (
-    NORM_EPS,
-    TINY,
-    ScorePruner,
-    check_count,
-    check_exclusive,
-    grid_scale,
-    in_safe_range,
-    require_finite,
-    rescale_factors,
-)
+from .base import NORM_EPS, TINY, ScorePruner, check_count, check_exclusive, range_factors
 
 KERNEL_ALPHAS = (1 / 8, 1 / 4, 1 / 2, 1.0, 2.0)
 #: Public STC default: 60 of LLaVA-OneVision's 196 tokens per frame, 64 later; 64 of a
@@ -169,17 +158,13 @@ class STCPruner(ScorePruner):
         mean, var = token_statistics(z, work)
         raw_mean = mean
         rms = (var + mean.square()).sum(dim=-1).sqrt()  # RMS token norm; inf if squares overflow
-        if _base.sync_free(x):  # the same rescale without a branch (x 1 exactly when in range)
-            scale = rescale_factors(z, rms)
-            z = z * scale.view(T, 1, 1)
+        # A mean does not overflow: it is the finiteness witness (catches NaN and inf).
+        rescale = range_factors(z, rms, finite=mean)  # None on the CPU for grids of ordinary scale
+        if rescale is not None:
+            z = z * rescale.view(T, 1, 1)  # exact: same directions, squares now fit float32
             mean, var = token_statistics(z, work)
-            raw_mean = mean.to(_stream_dtype(x.device)) / scale.to(_stream_dtype(x.device)).unsqueeze(1)
-        elif not in_safe_range(rms):  # rare: tiny, huge, all-zero or non-finite grids
-            require_finite(mean, x)  # a mean does not overflow: this catches NaN and inf
-            scale = grid_scale(z)
-            z = z * scale.view(T, 1, 1)  # exact: same directions, squares now fit float32
-            mean, var = token_statistics(z, work)
-            raw_mean = mean.to(_stream_dtype(x.device)) / scale.to(_stream_dtype(x.device)).unsqueeze(1)
+            dtype = _stream_dtype(x.device)
+            raw_mean = mean.to(dtype) / rescale.to(dtype).unsqueeze(1)
         memory, state = self._memory(raw_mean, state) if self.uses_memory else (None, None)
         factors = self._cached(("kernel", x.device), lambda: kernel_factors(x.device))
         return redundancy_scores(z, var, memory, work, factors).view(T, H, W), state
