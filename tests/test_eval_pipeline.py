@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from streampress.cli import main
-from streampress.eval.runner import EvalConfig, evaluate
+from streampress.eval.runner import EvalConfig, evaluate, memory_policy
 from streampress.eval.store import load_predictions
 from test_eval_runner import make_video, ovo_fixture
 
@@ -166,3 +166,18 @@ def test_streamingbench_through_the_command_line(tmp_path, capsys):
     recs, _ = load_predictions(tmp_path / "o")
     assert all(r["correct"] == (r["response"].strip()[:1] == r["answer"]) for r in recs.values())
     assert "missing under" in capsys.readouterr().err
+
+
+def test_every_memory_form_the_command_line_accepts_builds_its_policy(tmp_path):
+    """``eval --memory`` takes every ``--memory`` form (the budget policies were refused by
+    the config check, which had its own copy of the spec-to-policy mapping)."""
+    from streampress.memory import BudgetMemory, SlidingWindow
+    from streampress.spec import parse_memory
+
+    ann, root = ovo_fixture(tmp_path)
+    for text, want in [("hermes:budget=40,chunk_frames=8", BudgetMemory("hermes", budget=40, chunk_frames=8)),
+                       ("infinipot:budget=64", BudgetMemory("infinipot_v", budget=64)),
+                       ("window:30,reindex=off", SlidingWindow(seconds=30.0, reindex="off"))]:
+        cfg = run_cfg(ann, root, root / "out", memory=parse_memory(text))
+        cfg.validate()
+        assert memory_policy(cfg.memory) == want

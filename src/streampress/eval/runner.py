@@ -26,6 +26,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..spec import memory_policy  # the session's ``memory`` for EvalConfig.memory (a --memory spec)
 from . import proactive, scoring, sharding, store
 from .datasets import AnnotationError, Annotations, Question, read_annotations, resolve_videos, summarize
 from .frames import iter_frames
@@ -230,16 +231,6 @@ def default_session_factory(cfg: EvalConfig, device: str) -> SessionFactory:
         return streampress.StreamingSession(model, pruner=pruner, cacher=cacher, memory=memory_policy(cfg.memory))
 
     return make
-
-
-def memory_policy(spec: dict | None):
-    """The session's ``memory`` for :attr:`EvalConfig.memory`: ``"full"`` or the policy."""
-    if not spec:
-        return "full"
-    import streampress
-
-    params = {k: v for k, v in spec.items() if k != "name"}
-    return {"window": streampress.SlidingWindow, "retrieval": streampress.RetrievalMemory}[spec["name"]](**params)
 
 
 def _record(q: Question, text: str, info: dict, cfg: EvalConfig, rank: int) -> dict:
