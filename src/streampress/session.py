@@ -304,7 +304,7 @@ class StreamingSession:
         rel = times - start_time
         layout, new_state = model.layout_items(state, rel, (hh, ww))
         first_item = state.num_items
-        if bool((layout.item < first_item).any()) or bool((layout.item >= first_item + n).any()):
+        if bool(((layout.item < first_item) | (layout.item >= first_item + n)).any()):
             raise ValueError("model adapter bug: layout_items must tag every token with its item index")
         run = layout.select((layout.kinds != VISUAL) | keep[layout.visual_index.clamp(min=0)])
         offset = self._memory.length()
@@ -313,8 +313,9 @@ class StreamingSession:
         # Commit: one block per item, in the order the chunk was laid out.
         lengths = torch.bincount(run.item - first_item, minlength=n).tolist()
         raster = torch.where(run.kinds == VISUAL, run.visual_index % (hh * ww), -1)  # grid coordinate, -1: text
+        starts = rel[:, 0].tolist()
         blocks, at = [], 0
-        for k, (length, t_start, t_end) in enumerate(zip(lengths, rel[:, 0].tolist(), rel[:, -1].tolist())):
+        for k, (length, t_start, t_end) in enumerate(zip(lengths, starts, rel[:, -1].tolist())):
             blocks.append(Block(first_item + k, t_start, t_end, offset + at, length,
                                 run.positions[:, at:at + length], raster[at:at + length], (hh, ww)))
             at += length
@@ -328,9 +329,11 @@ class StreamingSession:
         c["prune_seconds"] += t2 - t1
         c["prefill_seconds"] += t3 - t2
         self._grid_hw = (hh, ww)
-        recent = grids[-2:] if self._last_grids is None else torch.cat([self._last_grids, grids[-2:]])[-2:]
-        self._last_grids = recent.detach().clone()
-        item_times = (rel[:, 0] + start_time).tolist()
+        tail = grids[-2:].detach()
+        # a copy of the last two grids (not a view, which would keep the whole chunk alive)
+        self._last_grids = (tail.clone() if self._last_grids is None or n >= 2
+                            else torch.cat([self._last_grids[-1:], tail]))
+        item_times = [t + start_time for t in starts]
         self._signals = (self._signals + tuple(zip(item_times, signals)))[-_SIGNALS_KEPT:]
 
     def _prefill(self, layout: TokenLayout, grids: torch.Tensor | None = None,
@@ -349,8 +352,10 @@ class StreamingSession:
         if text_at.numel():
             embeds[text_at.to(device)] = model.embed_text(layout.input_ids[text_at]).to(embeds.dtype)
         rows = layout.visual_index[visual_at]
+        if grids is not None:
+            rows = rows.to(grids.device)  # once: the extras live with the grids
         if visual_at.numel():
-            embeds[visual_at.to(device)] = grids.flatten(0, 2)[rows.to(grids.device)].to(device, embeds.dtype)
+            embeds[visual_at.to(device)] = grids.flatten(0, 2)[rows].to(device, embeds.dtype)
         if extras:
             extras = {k: v.flatten(0, 2)[rows.to(v.device)] for k, v in extras.items()}
         length = self._memory.length()

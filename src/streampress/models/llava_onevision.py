@@ -36,6 +36,7 @@ from .base import (
     cacher_of,
     positive_int,
     resolve_dtype_device,
+    text_positions,
 )
 from .llava_onevision_preprocess import (
     DEFAULT_PREFIX,
@@ -58,6 +59,11 @@ def _feature_layers(vision_feature_layer, num_layers: int) -> list[int]:
     return out
 
 
+def _gather(taken: dict[int, torch.Tensor], wanted: list[int]) -> torch.Tensor:
+    """The hidden state of the one wanted layer, or the wanted layers' concatenated."""
+    return taken[wanted[0]] if len(wanted) == 1 else torch.cat([taken[k] for k in wanted], dim=-1)
+
+
 def siglip_features(vision_tower, pixel_values: torch.Tensor, vision_feature_layer) -> torch.Tensor:
     """SigLIP hidden state(s) at ``vision_feature_layer`` (``[T, N, Dv]``, concatenated over
     layers for a list), running only the blocks needed; equals
@@ -70,7 +76,7 @@ def siglip_features(vision_tower, pixel_values: torch.Tensor, vision_feature_lay
         hidden = block(hidden, None)
         if i in wanted:
             taken[i] = hidden
-    return taken[wanted[0]] if len(wanted) == 1 else torch.cat([taken[k] for k in wanted], dim=-1)
+    return _gather(taken, wanted)
 
 
 @contextmanager
@@ -93,7 +99,7 @@ def feature_capture(vision_tower, vision_feature_layer):
     handles = [(vision_tower.embeddings if k == 0 else blocks[k - 1]).register_forward_hook(keep(k))
                for k in sorted(set(wanted))]
     try:
-        yield lambda: taken[wanted[0]] if len(wanted) == 1 else torch.cat([taken[k] for k in wanted], dim=-1)
+        yield lambda: _gather(taken, wanted)
     finally:
         for h in handles:
             h.remove()
@@ -254,11 +260,10 @@ class LlavaOneVisionAdapter(ModelAdapter):
         per_item = int(grid_hw[0]) * int(grid_hw[1])
         n = t * per_item
         start = state.next_position
-        positions = (torch.arange(n, dtype=torch.long) + start).unsqueeze(0)
         layout = TokenLayout(
             kinds=torch.full((n,), VISUAL, dtype=torch.long),
             input_ids=torch.full((n,), self.video_token_id, dtype=torch.long),
-            positions=positions,
+            positions=text_positions(start, n, 1),  # 1-D RoPE: consecutive positions, as text
             visual_index=torch.arange(n, dtype=torch.long),
             item=torch.arange(state.num_items, state.num_items + t, dtype=torch.long).repeat_interleave(per_item),
         )

@@ -307,9 +307,7 @@ class Engine:
             s.counts["received"] += 1
             self.metrics.counters["frames_received"] += 1
             s.touch()
-            if not self._due_locked(s, t):
-                return t, False
-            return t, True
+            return t, self._due_locked(s, t)
 
     def _due_locked(self, s: Stream, t: float) -> bool:
         """Whether a frame at stream time ``t`` falls on the stream's next fps tick (a frame
@@ -395,8 +393,7 @@ class Engine:
         if len(question) > self.limits.max_question_chars:
             raise ServeError(f"question: {len(question)} characters, over the limit of "
                              f"{self.limits.max_question_chars}", param="question", code="question_too_long")
-        if options is not None and (not isinstance(options, list) or not 2 <= len(options) <= 26
-                                    or not all(isinstance(o, str) and o.strip() for o in options)):
+        if not _options_ok(options):
             raise ServeError("options: expected a list of 2 to 26 non-empty strings", param="options")
 
         n = s.settings.max_new_tokens if max_new_tokens is None else check_max_new_tokens(max_new_tokens, self.limits)
@@ -604,7 +601,9 @@ class Engine:
         def ingest():
             session = s.session
             self._sync_watches(s)
-            before = (session.stats() if session is not None else {})
+            # the session's statistics as of its last build, ingest or answer (only this
+            # worker thread changes the session): no second stats() call per item
+            before = s.session_stats
             try:
                 session.add_frames(np.stack([f[1] for f in frames]), [f[2] for f in frames])
             except Exception as exc:  # the session undid the call; the stream goes on
@@ -759,8 +758,7 @@ class Engine:
         if not isinstance(spec.get("yes_no", False), bool):
             raise ServeError("watch.yes_no: expected true or false", param="watch.yes_no")
         options = spec.get("options")
-        if options is not None and (not isinstance(options, list) or not 2 <= len(options) <= 26
-                                    or not all(isinstance(o, str) and o.strip() for o in options)):
+        if not _options_ok(options):
             raise ServeError("watch.options: expected 2 to 26 non-empty strings", param="watch.options")
         if options is not None and spec.get("yes_no"):
             raise ServeError("watch: options and yes_no exclude each other", param="watch.options")
@@ -821,6 +819,12 @@ class Engine:
                 s.last_error = error
         if s is not None and s.listener is not None:
             _call(s.listener, "error", error)
+
+
+def _options_ok(options) -> bool:
+    """No options, or a list of 2 to 26 non-empty strings (a question's or a watch's)."""
+    return options is None or (isinstance(options, list) and 2 <= len(options) <= 26
+                               and all(isinstance(o, str) and o.strip() for o in options))
 
 
 def _call(emit: Emit, kind: str, data: dict) -> None:
